@@ -1,0 +1,60 @@
+//! Two types registered under one event name are reported, naming both types.
+
+use edupulse_events::{registry, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+mod grading {
+    #[derive(serde::Serialize, serde::Deserialize, edupulse_events::DomainEvent)]
+    #[event(name = "quiz.submitted")]
+    pub struct QuizSubmitted {
+        pub quiz_id: u64,
+    }
+}
+
+mod analytics {
+    #[derive(serde::Serialize, serde::Deserialize, edupulse_events::DomainEvent)]
+    #[event(name = "quiz.submitted", version = 2)]
+    pub struct QuizTaken {
+        pub quiz: u64,
+    }
+}
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(name = "lesson.published")]
+pub struct LessonPublished {
+    pub lesson_id: u64,
+}
+
+#[test]
+fn a_shared_name_is_an_error_naming_both_types() {
+    let error = registry()
+        .validate()
+        .expect_err("two types share quiz.submitted");
+    assert_eq!(error.duplicates.len(), 1);
+    let duplicate = &error.duplicates[0];
+    assert_eq!(duplicate.name, "quiz.submitted");
+    assert_eq!(
+        duplicate.type_names,
+        [
+            "registry_duplicates::analytics::QuizTaken",
+            "registry_duplicates::grading::QuizSubmitted"
+        ]
+    );
+    let message = error.to_string();
+    assert!(message.contains("`quiz.submitted`"), "{message}");
+    assert!(
+        message.contains("`registry_duplicates::grading::QuizSubmitted`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("`registry_duplicates::analytics::QuizTaken`"),
+        "{message}"
+    );
+    assert!(!message.contains("lesson.published"), "{message}");
+
+    // Both stay reachable by type, and iteration lists both.
+    assert!(registry().get_type::<grading::QuizSubmitted>().is_some());
+    assert!(registry().get_type::<analytics::QuizTaken>().is_some());
+    assert_eq!(registry().len(), 3);
+    assert_eq!(LessonPublished::NAME, "lesson.published");
+}

@@ -1,0 +1,9 @@
+use edupulse_events::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+pub struct LessonPublished {
+    pub lesson_id: u64,
+}
+
+fn main() {}
