@@ -18,14 +18,30 @@
 //! ```
 #![warn(missing_docs)]
 
+mod config;
 mod event;
+mod message;
+mod migrate;
+mod outbox;
 mod registry;
+mod relay;
+mod service;
 
+pub use config::{
+    Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, RelaySettings, DEFAULT_NATS_URL,
+    DEFAULT_SOURCE, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
+};
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{check_token, DomainEvent, SubjectError, TokenProblem, MAX_TOKEN_LEN};
+pub use message::headers;
+pub use migrate::{migrator, MigrateError, SCHEMA};
+pub use outbox::{DeadEvent, EmitError, EmitErrorKind, OutboxStatus, Outgoing, Requeue};
 pub use registry::{
     registry, DecodeError, DecodedEvent, DuplicateName, EventType, Registry, RegistryError,
 };
+pub use relay::{RelayError, RelayHandle};
+pub use service::{ConnectError, ConnectErrorKind, EventService};
+pub use uuid::Uuid;
 
 /// What generated code uses. Not public API: it may change in any release.
 #[doc(hidden)]

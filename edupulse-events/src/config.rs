@@ -1,0 +1,680 @@
+//! Settings of an [`EventService`](crate::EventService): from the environment with
+//! [`Config::from_env`], or in code with [`Config::builder`].
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The NATS address used when none is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The subject prefix used when none is given: events go to `edupulse.{subject}`.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "edupulse";
+/// The JetStream stream used when none is given.
+pub const DEFAULT_STREAM: &str = "EDUPULSE";
+/// The CloudEvents `source` used when none is given.
+pub const DEFAULT_SOURCE: &str = "edupulse-events";
+
+/// How to authenticate to NATS.
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// No credentials (or credentials in the URL).
+    #[default]
+    None,
+    /// User and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password; never shown by `Debug`.
+        password: String,
+    },
+    /// A token; never shown by `Debug`.
+    Token(String),
+    /// A `.creds` file (JWT and NKey seed).
+    CredsFile(PathBuf),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            NatsAuth::Token(_) => f.write_str("Token(<redacted>)"),
+            NatsAuth::CredsFile(path) => f.debug_tuple("CredsFile").field(path).finish(),
+        }
+    }
+}
+
+/// TLS settings for the NATS connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// Refuse to connect without TLS.
+    pub required: bool,
+    /// A PEM file of root certificates to trust.
+    pub root_certificates: Option<PathBuf>,
+    /// A client certificate and its key (PEM files), for mutual TLS.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+}
+
+/// How the relay works; every field has a default (see [`RelaySettings::default`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Most events read and published per batch. Default 500.
+    pub batch_size: u32,
+    /// How often an idle leader looks for events without a notification. Default 1 s.
+    pub poll_interval: Duration,
+    /// How often a standby tries to take the lead. Default 1 s.
+    pub standby_interval: Duration,
+    /// How long to wait for JetStream to acknowledge a publish. Default 5 s.
+    pub ack_timeout: Duration,
+    /// First retry delay after a failed publish; doubled each attempt, with jitter. Default 100 ms.
+    pub retry_base: Duration,
+    /// Longest retry delay. Default 5 s.
+    pub retry_max: Duration,
+    /// How long published rows are kept before pruning; zero deletes them on publish.
+    /// Default 1 hour.
+    pub retention: Duration,
+    /// Most rows deleted per pruning statement. Default 1,000.
+    pub prune_batch: u32,
+    /// How often published rows are pruned. Default 10 s.
+    pub prune_interval: Duration,
+    /// How long the relay waits for a transaction still writing earlier events before it
+    /// publishes later ones that have committed (which then go out of order). Default 30 s.
+    pub order_wait_limit: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            standby_interval: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(5),
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            retention: Duration::from_secs(3600),
+            prune_batch: 1000,
+            prune_interval: Duration::from_secs(10),
+            order_wait_limit: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything an [`EventService`](crate::EventService) needs to run.
+///
+/// `Debug` never shows a password or token: credentials in URLs are replaced by
+/// `<redacted>`.
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) database_url: String,
+    pub(crate) nats_url: String,
+    pub(crate) nats_auth: NatsAuth,
+    pub(crate) nats_tls: NatsTls,
+    pub(crate) subject_prefix: String,
+    pub(crate) stream: String,
+    pub(crate) source: String,
+    pub(crate) duplicate_window: Duration,
+    pub(crate) max_connections: u32,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) notify: bool,
+    pub(crate) relay: RelaySettings,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("nats_url", &redact_url(&self.nats_url))
+            .field("nats_auth", &self.nats_auth)
+            .field("nats_tls", &self.nats_tls)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("stream", &self.stream)
+            .field("source", &self.source)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("notify", &self.notify)
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+/// A setting is missing or invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `DATABASE_URL` is not set.
+    #[error(
+        "DATABASE_URL is not set; set it to your Postgres URL, e.g. \
+         DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    MissingDatabaseUrl,
+    /// An environment variable is set but is not valid Unicode.
+    #[error("environment variable {0} is not valid Unicode; set it to a plain string")]
+    NotUnicode(&'static str),
+    /// The database URL does not parse.
+    #[error("database URL {url} is not a valid Postgres URL ({reason}); write it as postgres://user@host:5432/database")]
+    InvalidDatabaseUrl {
+        /// The URL, credentials redacted.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The subject prefix is not one or more valid subject tokens.
+    #[error("subject prefix {0:?} is invalid: {1}; use dot-separated tokens of letters, digits, `_` and `-`, e.g. `edupulse` or `acme.learning`")]
+    InvalidSubjectPrefix(String, String),
+    /// The stream name is not a valid JetStream stream name.
+    #[error(
+        "stream name {0:?} is invalid: {1}; use letters, digits, `_` and `-`, e.g. `EDUPULSE`"
+    )]
+    InvalidStream(String, String),
+    /// The source is empty.
+    #[error("event source is empty; set EDUPULSE_SOURCE or `source(...)` to your service's name, e.g. `grading-service`")]
+    EmptySource,
+    /// A number in the relay settings is out of range.
+    #[error("{0}")]
+    OutOfRange(String),
+}
+
+impl Config {
+    /// Reads the settings from the environment:
+    ///
+    /// | variable | default |
+    /// | --- | --- |
+    /// | `DATABASE_URL` | required |
+    /// | `NATS_URL` | `nats://127.0.0.1:4222` |
+    /// | `EDUPULSE_SUBJECT_PREFIX` | `edupulse` |
+    /// | `EDUPULSE_STREAM` | `EDUPULSE` |
+    /// | `EDUPULSE_SOURCE` | `edupulse-events` |
+    ///
+    /// # Errors
+    /// [`ConfigError`] when `DATABASE_URL` is missing or a value is invalid; never panics.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(std::env::var)
+    }
+
+    /// Like [`Config::from_env`], reading variables through `lookup` (for tests and
+    /// for settings kept elsewhere).
+    ///
+    /// # Errors
+    /// As [`Config::from_env`].
+    pub fn from_lookup(
+        lookup: impl Fn(&'static str) -> Result<String, std::env::VarError>,
+    ) -> Result<Config, ConfigError> {
+        let get = |key: &'static str| match lookup(key) {
+            Ok(value) if value.is_empty() => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::NotUnicode(key)),
+        };
+        let database_url = get("DATABASE_URL")?.ok_or(ConfigError::MissingDatabaseUrl)?;
+        let mut builder = Config::builder(database_url);
+        if let Some(url) = get("NATS_URL")? {
+            builder = builder.nats_url(url);
+        }
+        if let Some(prefix) = get("EDUPULSE_SUBJECT_PREFIX")? {
+            builder = builder.subject_prefix(prefix);
+        }
+        if let Some(stream) = get("EDUPULSE_STREAM")? {
+            builder = builder.stream(stream);
+        }
+        if let Some(source) = get("EDUPULSE_SOURCE")? {
+            builder = builder.source(source);
+        }
+        builder.build()
+    }
+
+    /// Starts a configuration in code, with every default but the database URL.
+    pub fn builder(database_url: impl Into<String>) -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config {
+                database_url: database_url.into(),
+                nats_url: DEFAULT_NATS_URL.to_owned(),
+                nats_auth: NatsAuth::None,
+                nats_tls: NatsTls::default(),
+                subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
+                stream: DEFAULT_STREAM.to_owned(),
+                source: DEFAULT_SOURCE.to_owned(),
+                duplicate_window: Duration::from_secs(120),
+                max_connections: 10,
+                connect_timeout: Duration::from_secs(5),
+                notify: true,
+                relay: RelaySettings::default(),
+            },
+        }
+    }
+
+    /// The subject prefix, e.g. `edupulse`.
+    pub fn subject_prefix(&self) -> &str {
+        &self.subject_prefix
+    }
+
+    /// The JetStream stream name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The CloudEvents source of emitted events.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The relay settings.
+    pub fn relay(&self) -> &RelaySettings {
+        &self.relay
+    }
+
+    /// The NATS URL, credentials redacted.
+    pub fn nats_url_redacted(&self) -> String {
+        redact_url(&self.nats_url)
+    }
+
+    /// The database URL, credentials redacted.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+/// Builds a [`Config`] in code. Every setting has a default but the database URL.
+///
+/// ```
+/// use edupulse_events::{Config, NatsAuth};
+/// use std::time::Duration;
+///
+/// let config = Config::builder("postgres://app:secret@127.0.0.1/app")
+///     .nats_url("nats://127.0.0.1:4222")
+///     .nats_auth(NatsAuth::Token("s3cr3t".into()))
+///     .subject_prefix("acme.learning")
+///     .stream("ACME_LEARNING")
+///     .source("grading-service")
+///     .duplicate_window(Duration::from_secs(300))
+///     .build()
+///     .unwrap();
+/// let shown = format!("{config:?}");
+/// assert!(!shown.contains("secret") && !shown.contains("s3cr3t"));
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+impl ConfigBuilder {
+    /// The NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub fn nats_url(mut self, url: impl Into<String>) -> Self {
+        self.config.nats_url = url.into();
+        self
+    }
+
+    /// NATS credentials. Default none.
+    pub fn nats_auth(mut self, auth: NatsAuth) -> Self {
+        self.config.nats_auth = auth;
+        self
+    }
+
+    /// NATS TLS settings. Default: TLS only if the server asks for it.
+    pub fn nats_tls(mut self, tls: NatsTls) -> Self {
+        self.config.nats_tls = tls;
+        self
+    }
+
+    /// The prefix of every subject. Default `edupulse`.
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.subject_prefix = prefix.into();
+        self
+    }
+
+    /// The JetStream stream that captures `{prefix}.>`. Default `EDUPULSE`.
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.config.stream = stream.into();
+        self
+    }
+
+    /// The CloudEvents `source` of this service's events. Default `edupulse-events`.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.config.source = source.into();
+        self
+    }
+
+    /// The stream's duplicate window: a republished event id is dropped by JetStream
+    /// within it. Default 2 minutes.
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.config.duplicate_window = window;
+        self
+    }
+
+    /// The most Postgres connections the service's pool opens. Default 10.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.config.max_connections = max;
+        self
+    }
+
+    /// How long connecting to Postgres or NATS may take. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Whether emitting notifies an idle relay at commit (`pg_notify`). Default true;
+    /// without it the relay finds events within its poll interval.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.config.notify = notify;
+        self
+    }
+
+    /// The relay settings. Default [`RelaySettings::default`].
+    pub fn relay(mut self, relay: RelaySettings) -> Self {
+        self.config.relay = relay;
+        self
+    }
+
+    /// Checks the settings and returns the configuration.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first invalid setting.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let config = self.config;
+        if !(config.database_url.starts_with("postgres://")
+            || config.database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::InvalidDatabaseUrl {
+                url: redact_url(&config.database_url),
+                reason: "it does not start with postgres:// or postgresql://".to_owned(),
+            });
+        }
+        if let Err(error) = config
+            .database_url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+        {
+            return Err(ConfigError::InvalidDatabaseUrl {
+                url: redact_url(&config.database_url),
+                reason: redact_text(&error.to_string(), &config.database_url),
+            });
+        }
+        check_prefix(&config.subject_prefix)
+            .map_err(|why| ConfigError::InvalidSubjectPrefix(config.subject_prefix.clone(), why))?;
+        check_stream(&config.stream)
+            .map_err(|why| ConfigError::InvalidStream(config.stream.clone(), why))?;
+        if config.source.trim().is_empty() {
+            return Err(ConfigError::EmptySource);
+        }
+        if config.source.chars().any(char::is_control) {
+            return Err(ConfigError::OutOfRange(
+                "event source contains a control character; use a plain name such as \
+                 `grading-service`"
+                    .to_owned(),
+            ));
+        }
+        let relay = &config.relay;
+        if relay.batch_size == 0 || relay.batch_size > 10_000 {
+            return Err(ConfigError::OutOfRange(format!(
+                "relay batch_size {} is out of range; use 1 to 10000",
+                relay.batch_size
+            )));
+        }
+        if relay.prune_batch == 0 {
+            return Err(ConfigError::OutOfRange(
+                "relay prune_batch is 0; use 1 or more".to_owned(),
+            ));
+        }
+        if relay.ack_timeout.is_zero() || relay.poll_interval.is_zero() {
+            return Err(ConfigError::OutOfRange(
+                "relay ack_timeout and poll_interval must be more than zero".to_owned(),
+            ));
+        }
+        if config.max_connections < 2 {
+            return Err(ConfigError::OutOfRange(format!(
+                "max_connections {} is too small; the service needs at least 2 (one listens \
+                 for notifications)",
+                config.max_connections
+            )));
+        }
+        Ok(config)
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if prefix.starts_with('$') {
+        return Err("it starts with `$`, which NATS reserves".to_owned());
+    }
+    for token in prefix.split('.') {
+        if token.is_empty() {
+            return Err("it has an empty token".to_owned());
+        }
+        if let Some(c) = token
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        {
+            return Err(format!("it contains {c:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn check_stream(stream: &str) -> Result<(), String> {
+    if stream.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if stream.len() > 255 {
+        return Err("it is longer than 255 characters".to_owned());
+    }
+    if let Some(c) = stream
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!("it contains {c:?}"));
+    }
+    Ok(())
+}
+
+/// Replaces the password in `scheme://user:password@host` and any `password=`/`token=`
+/// query parameter by `<redacted>`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            let redacted = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:<redacted>"),
+                // A lone userinfo may be a token (nats://token@host).
+                None if url.starts_with("nats") || url.starts_with("tls") => {
+                    "<redacted>".to_owned()
+                }
+                None => userinfo.to_owned(),
+            };
+            out.replace_range(rest_start..rest_start + at, &redacted);
+        }
+    }
+    if let Some(query_start) = out.find('?') {
+        let (head, query) = out.split_at(query_start + 1);
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _))
+                    if ["password", "pass", "token", "sslpassword"]
+                        .contains(&key.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{key}=<redacted>")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
+}
+
+/// Removes any secret of `url` that `text` (an error message) may quote.
+pub(crate) fn redact_text(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    for secret in url_secrets(url) {
+        if secret.len() >= 3 {
+            out = out.replace(&secret, "<redacted>");
+        }
+    }
+    out
+}
+
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some(at) = authority.rfind('@') {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((_, password)) => secrets.push(password.to_owned()),
+                None => secrets.push(userinfo.to_owned()),
+            }
+        }
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for param in query.split('&') {
+            if let Some((key, value)) = param.split_once('=') {
+                if ["password", "pass", "token", "sslpassword"]
+                    .contains(&key.to_ascii_lowercase().as_str())
+                {
+                    secrets.push(value.to_owned());
+                }
+            }
+        }
+    }
+    secrets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(
+        vars: &'a [(&'static str, &'a str)],
+    ) -> impl Fn(&'static str) -> Result<String, std::env::VarError> + 'a {
+        move |key| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| (*v).to_owned())
+                .ok_or(std::env::VarError::NotPresent)
+        }
+    }
+
+    #[test]
+    fn missing_database_url_is_an_error_value() {
+        assert_eq!(
+            Config::from_lookup(env(&[])).unwrap_err(),
+            ConfigError::MissingDatabaseUrl
+        );
+        assert_eq!(
+            Config::from_lookup(env(&[("DATABASE_URL", "")])).unwrap_err(),
+            ConfigError::MissingDatabaseUrl
+        );
+        let message = ConfigError::MissingDatabaseUrl.to_string();
+        assert!(message.contains("DATABASE_URL=postgres://"), "{message}");
+    }
+
+    #[test]
+    fn env_defaults_and_overrides() {
+        let config = Config::from_lookup(env(&[("DATABASE_URL", "postgres://u@h/db")])).unwrap();
+        assert_eq!(config.nats_url, DEFAULT_NATS_URL);
+        assert_eq!(config.subject_prefix, "edupulse");
+        assert_eq!(config.stream, "EDUPULSE");
+        assert_eq!(config.source, DEFAULT_SOURCE);
+
+        let config = Config::from_lookup(env(&[
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("NATS_URL", "nats://n:4223"),
+            ("EDUPULSE_SUBJECT_PREFIX", "acme.learn"),
+            ("EDUPULSE_STREAM", "ACME"),
+            ("EDUPULSE_SOURCE", "grading"),
+        ]))
+        .unwrap();
+        assert_eq!(config.nats_url, "nats://n:4223");
+        assert_eq!(config.subject_prefix(), "acme.learn");
+        assert_eq!(config.stream(), "ACME");
+        assert_eq!(config.source(), "grading");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let bad = |b: ConfigBuilder| b.build().unwrap_err();
+        let base = || Config::builder("postgres://u@h/db");
+        assert!(matches!(
+            bad(base().subject_prefix("a..b")),
+            ConfigError::InvalidSubjectPrefix(..)
+        ));
+        assert!(matches!(
+            bad(base().subject_prefix("a.*")),
+            ConfigError::InvalidSubjectPrefix(..)
+        ));
+        assert!(matches!(
+            bad(base().subject_prefix("$SYS")),
+            ConfigError::InvalidSubjectPrefix(..)
+        ));
+        assert!(matches!(
+            bad(base().stream("A.B")),
+            ConfigError::InvalidStream(..)
+        ));
+        assert!(matches!(bad(base().source(" ")), ConfigError::EmptySource));
+        assert!(matches!(
+            bad(base().source("svc\r\nX: 1")),
+            ConfigError::OutOfRange(_)
+        ));
+        assert!(matches!(
+            bad(Config::builder("mysql://root:hunter2@h/db")),
+            ConfigError::InvalidDatabaseUrl { .. }
+        ));
+        let shown = bad(Config::builder("mysql://root:hunter2@h/db")).to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(matches!(
+            bad(base().relay(RelaySettings {
+                batch_size: 0,
+                ..RelaySettings::default()
+            })),
+            ConfigError::OutOfRange(_)
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let config = Config::builder("postgres://app:pg-secret@db:5432/app?password=pg-secret2")
+            .nats_url("nats://me:nats-secret@n:4222")
+            .nats_auth(NatsAuth::UserPassword {
+                user: "me".into(),
+                password: "auth-secret".into(),
+            })
+            .build()
+            .unwrap();
+        let shown = format!("{config:?} {config:#?}");
+        for secret in ["pg-secret", "pg-secret2", "nats-secret", "auth-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("postgres://app:<redacted>@db:5432/app"),
+            "{shown}"
+        );
+        let token = format!("{:?}", NatsAuth::Token("tok-secret".into()));
+        assert!(!token.contains("tok-secret"));
+        assert_eq!(
+            redact_url("nats://tok-secret@h:4222"),
+            "nats://<redacted>@h:4222"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_text(
+                "cannot connect to postgres://u:pw123@h/db as pw123",
+                "postgres://u:pw123@h/db"
+            ),
+            "cannot connect to postgres://u:<redacted>@h/db as <redacted>"
+        );
+    }
+}

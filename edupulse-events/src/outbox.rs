@@ -1,0 +1,581 @@
+//! Writing events into the outbox, and looking at it.
+
+use crate::event::SubjectError;
+use crate::message::{valid_traceparent, Envelope};
+use crate::service::EventService;
+use crate::DomainEvent;
+use sqlx::{PgConnection, Row};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// The channel the emitting transaction notifies at commit.
+pub(crate) const CHANNEL: &str = "edupulse_outbox";
+
+/// An event on its way out, with the metadata it travels with.
+///
+/// `emit(event)` takes a bare event too; use this to set the correlation id, the
+/// causation id or a W3C `traceparent`.
+///
+/// ```
+/// # use edupulse_events::{DomainEvent, Outgoing};
+/// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
+/// # #[event(name = "quiz.graded")]
+/// # struct QuizGraded { quiz_id: u64 }
+/// let incoming_id = uuid::Uuid::now_v7();
+/// let outgoing = Outgoing::new(QuizGraded { quiz_id: 1 })
+///     .correlation_id(incoming_id)
+///     .causation_id(incoming_id);
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Outgoing<E> {
+    event: E,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    traceparent: Option<String>,
+}
+
+impl<E: DomainEvent> Outgoing<E> {
+    /// Wraps an event with no metadata: its correlation id will be its own id.
+    pub fn new(event: E) -> Self {
+        Outgoing {
+            event,
+            correlation_id: None,
+            causation_id: None,
+            traceparent: None,
+        }
+    }
+
+    /// The id of the conversation this event belongs to. Default: the event's own id.
+    pub fn correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// The id of the event that caused this one.
+    pub fn causation_id(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// A W3C trace context (`00-{trace id}-{span id}-{flags}`), published as the
+    /// `traceparent` header.
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.event
+    }
+}
+
+impl<E: DomainEvent> From<E> for Outgoing<E> {
+    fn from(event: E) -> Self {
+        Outgoing::new(event)
+    }
+}
+
+/// What kind of failure an [`EmitError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EmitErrorKind {
+    /// A field's value cannot stand in the subject.
+    Subject,
+    /// The event does not serialize to JSON.
+    Encode,
+    /// The encoded event is larger than NATS or the stream accepts.
+    TooLarge,
+    /// The traceparent is not a W3C trace context.
+    Traceparent,
+    /// The outbox tables do not exist.
+    NotMigrated,
+    /// Postgres failed.
+    Database,
+}
+
+/// An event could not be emitted; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmitError {
+    /// A field's value cannot stand in the subject.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// The event does not serialize to JSON.
+    #[error("event `{event}` does not serialize to JSON: {source}; check its Serialize impl (maps need string keys)")]
+    Encode {
+        /// The event name.
+        event: &'static str,
+        /// What serde_json said.
+        source: serde_json::Error,
+    },
+    /// The encoded event is larger than NATS or the stream accepts.
+    #[error("event `{event}` is {size} bytes encoded (headers and JSON body), more than the {max} bytes NATS and the stream accept; make the event smaller (store large data elsewhere and put its key in the event) or raise max_payload")]
+    TooLarge {
+        /// The event name.
+        event: &'static str,
+        /// Its encoded size, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The traceparent is not a W3C trace context.
+    #[error("traceparent {0:?} is not a W3C trace context; pass one like 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01, or none")]
+    Traceparent(String),
+    /// The outbox tables do not exist yet.
+    #[error(
+        "the outbox table edupulse.outbox does not exist; call EventService::migrate() at start-up"
+    )]
+    NotMigrated,
+    /// Postgres failed.
+    #[error("writing to the outbox failed: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl EmitError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> EmitErrorKind {
+        match self {
+            EmitError::Subject(_) => EmitErrorKind::Subject,
+            EmitError::Encode { .. } => EmitErrorKind::Encode,
+            EmitError::TooLarge { .. } => EmitErrorKind::TooLarge,
+            EmitError::Traceparent(_) => EmitErrorKind::Traceparent,
+            EmitError::NotMigrated => EmitErrorKind::NotMigrated,
+            EmitError::Database(_) => EmitErrorKind::Database,
+        }
+    }
+}
+
+impl From<sqlx::Error> for EmitError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_undefined_table(&error) {
+            EmitError::NotMigrated
+        } else {
+            EmitError::Database(error)
+        }
+    }
+}
+
+pub(crate) fn is_undefined_table(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "42P01" || code == "3F000")
+}
+
+/// One event, checked and encoded, ready to insert.
+struct Prepared {
+    id: Uuid,
+    subject: String,
+    payload: String,
+    correlation_id: Uuid,
+    causation_id: Option<Uuid>,
+    traceparent: Option<String>,
+    occurred_at: OffsetDateTime,
+    /// The room left for the JSON body, as Postgres will print it, after the headers.
+    body_limit: i64,
+}
+
+/// How many events one `emit_all` statement writes at most; larger batches are split
+/// into several statements of the same transaction.
+const BATCH_CHUNK: usize = 5_000;
+
+const INSERT_ONE: &str = "\
+INSERT INTO edupulse.outbox
+    (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
+SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
+FROM (SELECT CAST($5::text AS jsonb) AS p) AS x
+WHERE octet_length(x.p::text) <= $11
+RETURNING seq";
+
+const INSERT_ONE_NOTIFY: &str = "\
+INSERT INTO edupulse.outbox
+    (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
+SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
+FROM (SELECT CAST($5::text AS jsonb) AS p, pg_notify('edupulse_outbox', '') AS n) AS x
+WHERE octet_length(x.p::text) <= $11
+RETURNING seq";
+
+/// The batch insert; `$notify` is spliced into the size check, which runs once.
+macro_rules! insert_many {
+    ($notify:literal) => {
+        concat!(
+            "WITH input AS (
+    SELECT u.id, u.subject, CAST(u.payload AS jsonb) AS p, u.correlation_id, u.causation_id,
+           u.traceparent, u.occurred_at, u.body_limit, u.ord
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                $7::timestamptz[], $8::int8[])
+         WITH ORDINALITY AS u(id, subject, payload, correlation_id, causation_id, traceparent,
+                              occurred_at, body_limit, ord)
+), too_large AS (
+    SELECT count(*) AS n", $notify, " FROM input WHERE octet_length(p::text) > body_limit
+)
+INSERT INTO edupulse.outbox
+    (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
+SELECT id, $9, $10, subject, p, $11, correlation_id, causation_id, traceparent, occurred_at
+FROM input
+WHERE (SELECT n FROM too_large) = 0
+ORDER BY ord
+RETURNING seq"
+        )
+    };
+}
+
+const INSERT_MANY: &str = insert_many!("");
+const INSERT_MANY_NOTIFY: &str =
+    insert_many!(", (SELECT 1 FROM pg_notify('edupulse_outbox', '')) AS notified");
+
+const NOTIFY: &str = "SELECT pg_notify('edupulse_outbox', '')";
+
+impl EventService {
+    /// Emits one event in a transaction of its own; returns its id.
+    ///
+    /// # Errors
+    /// [`EmitError`]; nothing is written.
+    pub async fn emit<E: DomainEvent>(
+        &self,
+        event: impl Into<Outgoing<E>>,
+    ) -> Result<Uuid, EmitError> {
+        let mut tx = self.inner.pool.begin().await?;
+        let id = self.emit_in(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Emits one event inside the caller's transaction (or on a connection): it is
+    /// published if and only if that transaction commits. Returns the event's id.
+    ///
+    /// ```no_run
+    /// # use edupulse_events::{DomainEvent, EventService};
+    /// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
+    /// # #[event(name = "lesson.published")]
+    /// # struct LessonPublished { lesson_id: i64 }
+    /// # async fn run(service: EventService) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = service.pool().begin().await?;
+    /// sqlx::query("UPDATE lessons SET published = true WHERE id = $1")
+    ///     .bind(7_i64)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// service.emit_in(&mut tx, LessonPublished { lesson_id: 7 }).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`EmitError`]; nothing is written, and the caller's transaction stays usable
+    /// unless Postgres itself failed.
+    pub async fn emit_in<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        event: impl Into<Outgoing<E>>,
+    ) -> Result<Uuid, EmitError> {
+        let prepared = self.prepare(event.into())?;
+        let span = tracing::debug_span!("edupulse.emit", event = E::NAME, id = %prepared.id);
+        async {
+            let sql = if self.inner.config.notify {
+                INSERT_ONE_NOTIFY
+            } else {
+                INSERT_ONE
+            };
+            let row = sqlx::query(sql)
+                .bind(prepared.id)
+                .bind(E::NAME)
+                .bind(version_i32::<E>())
+                .bind(&prepared.subject)
+                .bind(&prepared.payload)
+                .bind(&self.inner.config.source)
+                .bind(prepared.correlation_id)
+                .bind(prepared.causation_id)
+                .bind(prepared.traceparent.as_deref())
+                .bind(prepared.occurred_at)
+                .bind(prepared.body_limit)
+                .fetch_optional(&mut *conn)
+                .await?;
+            match row {
+                Some(_) => Ok(prepared.id),
+                None => Err(self.too_large::<E>(&prepared)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Emits a batch of events of one type in one transaction; returns their ids in
+    /// order. All or none are written.
+    ///
+    /// # Errors
+    /// [`EmitError`] for the first event that cannot be emitted; nothing is written.
+    pub async fn emit_all<E, I>(&self, events: I) -> Result<Vec<Uuid>, EmitError>
+    where
+        E: DomainEvent,
+        I: IntoIterator,
+        I::Item: Into<Outgoing<E>>,
+    {
+        let mut tx = self.inner.pool.begin().await?;
+        let ids = self.emit_all_in(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Emits a batch of events of one type inside the caller's transaction, with one
+    /// statement per 5,000 events; returns their ids in order.
+    ///
+    /// # Errors
+    /// [`EmitError`] for the first event that cannot be emitted; nothing is written.
+    pub async fn emit_all_in<E, I>(
+        &self,
+        conn: &mut PgConnection,
+        events: I,
+    ) -> Result<Vec<Uuid>, EmitError>
+    where
+        E: DomainEvent,
+        I: IntoIterator,
+        I::Item: Into<Outgoing<E>>,
+    {
+        let prepared: Vec<Prepared> = events
+            .into_iter()
+            .map(|event| self.prepare(event.into()))
+            .collect::<Result<_, _>>()?;
+        let span =
+            tracing::debug_span!("edupulse.emit_all", event = E::NAME, count = prepared.len());
+        async {
+            let mut ids = Vec::with_capacity(prepared.len());
+            for chunk in prepared.chunks(BATCH_CHUNK) {
+                let sql = if self.inner.config.notify {
+                    INSERT_MANY_NOTIFY
+                } else {
+                    INSERT_MANY
+                };
+                let inserted = sqlx::query(sql)
+                    .bind(chunk.iter().map(|p| p.id).collect::<Vec<_>>())
+                    .bind(chunk.iter().map(|p| p.subject.as_str()).collect::<Vec<_>>())
+                    .bind(chunk.iter().map(|p| p.payload.as_str()).collect::<Vec<_>>())
+                    .bind(chunk.iter().map(|p| p.correlation_id).collect::<Vec<_>>())
+                    .bind(chunk.iter().map(|p| p.causation_id).collect::<Vec<_>>())
+                    .bind(
+                        chunk
+                            .iter()
+                            .map(|p| p.traceparent.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>())
+                    .bind(chunk.iter().map(|p| p.body_limit).collect::<Vec<_>>())
+                    .bind(E::NAME)
+                    .bind(version_i32::<E>())
+                    .bind(&self.inner.config.source)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                if inserted.len() != chunk.len() {
+                    // Only the size check can drop rows; the statement then writes none.
+                    let largest = chunk
+                        .iter()
+                        .max_by_key(|p| p.payload.len())
+                        .map(|p| self.too_large::<E>(p));
+                    return Err(largest.unwrap_or(EmitError::TooLarge {
+                        event: E::NAME,
+                        size: 0,
+                        max: self.inner.max_message,
+                    }));
+                }
+                ids.extend(chunk.iter().map(|p| p.id));
+            }
+            Ok(ids)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn prepare<E: DomainEvent>(&self, outgoing: Outgoing<E>) -> Result<Prepared, EmitError> {
+        let subject = outgoing.event.subject()?;
+        let payload =
+            serde_json::to_string(&outgoing.event).map_err(|source| EmitError::Encode {
+                event: E::NAME,
+                source,
+            })?;
+        if let Some(traceparent) = &outgoing.traceparent {
+            if !valid_traceparent(traceparent) {
+                return Err(EmitError::Traceparent(
+                    traceparent.chars().take(80).collect(),
+                ));
+            }
+        }
+        let id = Uuid::now_v7();
+        let occurred_at = OffsetDateTime::now_utc();
+        let correlation_id = outgoing.correlation_id.unwrap_or(id);
+        let envelope = Envelope {
+            id,
+            name: E::NAME,
+            version: version_i32::<E>(),
+            subject: &subject,
+            source: &self.inner.config.source,
+            occurred_at,
+            correlation_id: Some(correlation_id),
+            causation_id: outgoing.causation_id,
+            traceparent: outgoing.traceparent.as_deref(),
+        };
+        let headers = envelope.headers_wire_len();
+        let max = self.inner.max_message;
+        if headers + payload.len() > max {
+            return Err(EmitError::TooLarge {
+                event: E::NAME,
+                size: headers + payload.len(),
+                max,
+            });
+        }
+        Ok(Prepared {
+            id,
+            subject,
+            payload,
+            correlation_id,
+            causation_id: outgoing.causation_id,
+            traceparent: outgoing.traceparent,
+            occurred_at,
+            body_limit: i64::try_from(max - headers).unwrap_or(i64::MAX),
+        })
+    }
+
+    fn too_large<E: DomainEvent>(&self, prepared: &Prepared) -> EmitError {
+        let max = self.inner.max_message;
+        let headers = max.saturating_sub(usize::try_from(prepared.body_limit).unwrap_or(0));
+        EmitError::TooLarge {
+            event: E::NAME,
+            // Postgres prints JSONB with spaces after `:` and `,`: at least one more byte.
+            size: (headers + prepared.payload.len()).max(max + 1),
+            max,
+        }
+    }
+}
+
+fn version_i32<E: DomainEvent>() -> i32 {
+    // Versions above i32::MAX cannot be stored; none is that large in practice.
+    i32::try_from(E::VERSION).unwrap_or(i32::MAX)
+}
+
+/// The state of the outbox, as [`EventService::outbox_status`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxStatus {
+    /// Committed events not yet published.
+    pub pending: i64,
+    /// Events JetStream rejected for good; see [`EventService::requeue_dead`].
+    pub dead: i64,
+    /// How long the oldest pending event has waited; zero when none is pending.
+    pub oldest_pending_age: Duration,
+    /// The sequence number of the oldest pending event.
+    pub oldest_pending_seq: Option<i64>,
+}
+
+/// Which dead events [`EventService::requeue_dead`] puts back in line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    /// Every dead event.
+    All,
+    /// The dead events with these ids (others are left alone).
+    Ids(Vec<Uuid>),
+}
+
+/// A dead event, as [`EventService::dead_events`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// The event name.
+    pub name: String,
+    /// The relative subject.
+    pub subject: String,
+    /// How many publishes were tried.
+    pub attempts: i32,
+    /// Why JetStream rejected it.
+    pub last_error: Option<String>,
+}
+
+impl EventService {
+    /// Counts pending and dead events and measures the oldest pending one.
+    ///
+    /// # Errors
+    /// The Postgres error, if the query failed.
+    pub async fn outbox_status(&self) -> Result<OutboxStatus, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT
+                (SELECT count(*) FROM edupulse.outbox WHERE status = 'pending') AS pending,
+                (SELECT count(*) FROM edupulse.outbox WHERE status = 'dead') AS dead,
+                oldest.seq AS oldest_seq,
+                extract(epoch FROM (clock_timestamp() - oldest.occurred_at))::float8 AS age
+             FROM (SELECT 1) AS one
+             LEFT JOIN LATERAL (
+                SELECT seq, occurred_at FROM edupulse.outbox
+                WHERE status = 'pending' ORDER BY seq LIMIT 1
+             ) AS oldest ON true",
+        )
+        .fetch_one(&self.inner.pool)
+        .await?;
+        let age: Option<f64> = row.try_get("age")?;
+        Ok(OutboxStatus {
+            pending: row.try_get("pending")?,
+            dead: row.try_get("dead")?,
+            oldest_pending_seq: row.try_get("oldest_seq")?,
+            oldest_pending_age: Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
+        })
+    }
+
+    /// Lists dead events, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// The Postgres error, if the query failed.
+    pub async fn dead_events(&self, limit: i64) -> Result<Vec<DeadEvent>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, name, subject, attempts, last_error FROM edupulse.outbox
+             WHERE status = 'dead' ORDER BY seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadEvent {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    subject: row.try_get("subject")?,
+                    attempts: row.try_get("attempts")?,
+                    last_error: row.try_get("last_error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts dead events back in line for the relay; returns how many.
+    ///
+    /// # Errors
+    /// The Postgres error, if the update failed.
+    pub async fn requeue_dead(&self, which: Requeue) -> Result<u64, sqlx::Error> {
+        let mut tx = self.inner.pool.begin().await?;
+        let result = match which {
+            Requeue::All => {
+                sqlx::query(
+                    "UPDATE edupulse.outbox SET status = 'pending', attempts = 0,
+                        next_attempt_at = now()
+                     WHERE status = 'dead'",
+                )
+                .execute(&mut *tx)
+                .await?
+            }
+            Requeue::Ids(ids) => {
+                sqlx::query(
+                    "UPDATE edupulse.outbox SET status = 'pending', attempts = 0,
+                        next_attempt_at = now()
+                     WHERE status = 'dead' AND id = ANY($1)",
+                )
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        sqlx::query(NOTIFY).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(result.rows_affected())
+    }
+}

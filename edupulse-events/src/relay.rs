@@ -1,0 +1,702 @@
+//! The relay: publishes committed outbox events to JetStream, in sequence order, once.
+//!
+//! Any number of relays may run; the one holding a Postgres advisory lock on its own
+//! connection leads, and does all its reading and marking on that connection, so a
+//! relay that loses the connection loses the lead at its next statement. Standbys try
+//! the lock every `standby_interval`.
+//!
+//! Order: sequence numbers are drawn when a row is inserted but become visible only at
+//! commit, so a later event can commit before an earlier one. Before each batch the
+//! leader reads the highest sequence drawn so far (the fence) and waits until every
+//! transaction that was writing the outbox at that moment has ended (it watches their
+//! locks in `pg_locks`). Every event up to the fence is then committed or gone, and the
+//! batch stops at the fence, so nothing is published ahead of an earlier event.
+
+use crate::message::Envelope;
+use crate::outbox::CHANNEL;
+use crate::service::{EventService, Inner};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use bytes::Bytes;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, Row};
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// The advisory lock key the leader holds: "edupulse" in ASCII.
+const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
+
+const HOLDERS: &str = "\
+SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
+FROM pg_locks
+WHERE locktype = 'relation'
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND relation = 'edupulse.outbox'::regclass
+  AND mode = 'RowExclusiveLock'
+  AND pid <> pg_backend_pid()";
+
+const STILL_HOLDING: &str = "\
+SELECT count(*)
+FROM pg_locks
+WHERE locktype = 'relation'
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND relation = 'edupulse.outbox'::regclass
+  AND virtualtransaction = ANY($1)";
+
+const READ_BATCH: &str = "\
+SELECT seq, id, name, version, subject, payload::text AS payload, source, correlation_id,
+       causation_id, traceparent, occurred_at, attempts, next_attempt_at
+FROM edupulse.outbox
+WHERE status = 'pending' AND seq <= $1
+ORDER BY seq
+LIMIT $2";
+
+/// A running relay; stop it with [`RelayHandle::shutdown`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    state: Arc<RelayState>,
+}
+
+#[derive(Debug, Default)]
+struct RelayState {
+    leader: AtomicBool,
+    published: AtomicU64,
+    crash_before_mark: AtomicBool,
+}
+
+/// The relay task ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The relay task panicked; its events stay pending for the next relay.
+    #[error("the relay task panicked: {0}; pending events stay in the outbox for the next relay")]
+    Panicked(String),
+}
+
+impl RelayHandle {
+    /// Whether this relay currently leads (publishes).
+    pub fn is_leader(&self) -> bool {
+        self.state.leader.load(Ordering::SeqCst)
+    }
+
+    /// How many events this relay has published and marked.
+    pub fn published(&self) -> u64 {
+        self.state.published.load(Ordering::SeqCst)
+    }
+
+    /// Test hook: at its next batch the relay publishes, then drops its leader
+    /// connection without marking the rows and stops, as if its process died there.
+    #[doc(hidden)]
+    pub fn __crash_before_mark(&self) {
+        self.state.crash_before_mark.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the relay task has ended (after a shutdown or a simulated crash).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops the relay: the batch in flight is published and marked, the lead is
+    /// released, and the task ends.
+    ///
+    /// # Errors
+    /// [`RelayError::Panicked`] if the relay task panicked.
+    pub async fn shutdown(self) -> Result<(), RelayError> {
+        // The task may have ended already; then there is nobody to tell.
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .map_err(|e| RelayError::Panicked(e.to_string()))
+    }
+}
+
+impl EventService {
+    /// Starts a relay on the current tokio runtime. Run one per replica: one leads,
+    /// the others stand by.
+    pub fn start_relay(&self) -> RelayHandle {
+        let (stop, stop_rx) = watch::channel(false);
+        let state = Arc::new(RelayState::default());
+        let task = tokio::spawn(run(self.inner.clone(), stop_rx, state.clone()));
+        RelayHandle { stop, task, state }
+    }
+}
+
+/// Sleeps for `duration` unless told to stop first; returns whether to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(duration) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<RelayState>) {
+    let settings = inner.config.relay.clone();
+    let mut standby: Option<PgConnection> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let mut conn = match standby.take() {
+            Some(conn) => conn,
+            None => match PgConnection::connect_with(&inner.pg_options).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, "relay cannot reach Postgres; retrying");
+                    if sleep_or_stop(&mut stop, settings.standby_interval).await {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        let locked = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await;
+        match locked {
+            Ok(true) => {
+                state.leader.store(true, Ordering::SeqCst);
+                tracing::info!("relay leads");
+                let outcome = lead(&inner, &mut conn, &mut stop, &state).await;
+                state.leader.store(false, Ordering::SeqCst);
+                match outcome {
+                    Ok(Led::Stopped) => {
+                        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                            .bind(LEADER_LOCK)
+                            .execute(&mut conn)
+                            .await;
+                        let _ = conn.close().await;
+                        tracing::info!("relay stopped");
+                        break;
+                    }
+                    Ok(Led::Crashed) => {
+                        // Dropping the connection without a word is what a dead process does.
+                        drop(conn);
+                        tracing::warn!("relay simulated a crash before marking");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "relay lost its leader connection; standing by");
+                        drop(conn);
+                        if sleep_or_stop(&mut stop, settings.retry_base).await {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(false) => {
+                standby = Some(conn);
+                if sleep_or_stop(&mut stop, settings.standby_interval).await {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "relay cannot try the leader lock; retrying");
+                if sleep_or_stop(&mut stop, settings.standby_interval).await {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(conn) = standby {
+        let _ = conn.close().await;
+    }
+}
+
+enum Led {
+    Stopped,
+    Crashed,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn lead(
+    inner: &Arc<Inner>,
+    conn: &mut PgConnection,
+    stop: &mut watch::Receiver<bool>,
+    state: &RelayState,
+) -> Result<Led, sqlx::Error> {
+    let settings = &inner.config.relay;
+    let wake = Arc::new(Notify::new());
+    let _listener = AbortOnDrop(tokio::spawn(listen(inner.pool.clone(), wake.clone())));
+    let mut pruner = Pruner::start(conn, settings.retention).await?;
+    let mut given_up = HashSet::new();
+    loop {
+        if *stop.borrow() {
+            return Ok(Led::Stopped);
+        }
+        let Some(batch) = fetch_batch(conn, inner, stop, &mut given_up).await? else {
+            return Ok(Led::Stopped);
+        };
+        if batch.is_empty() {
+            pruner.maybe_prune(conn, settings).await?;
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(settings.poll_interval) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let now = OffsetDateTime::now_utc();
+        if batch[0].next_attempt_at > now {
+            let wait = (batch[0].next_attempt_at - now)
+                .try_into()
+                .unwrap_or(settings.retry_base);
+            if sleep_or_stop(stop, wait).await {
+                return Ok(Led::Stopped);
+            }
+            continue;
+        }
+        let span = tracing::debug_span!(
+            "edupulse.relay.batch",
+            size = batch.len(),
+            first_seq = batch[0].seq,
+            last_seq = batch[batch.len() - 1].seq
+        );
+        let outcome = publish(inner, &batch).instrument(span.clone()).await;
+        if state.crash_before_mark.load(Ordering::SeqCst) {
+            return Ok(Led::Crashed);
+        }
+        let marked = mark(conn, inner, &batch, outcome, &mut pruner)
+            .instrument(span)
+            .await?;
+        state
+            .published
+            .fetch_add(marked.published, Ordering::SeqCst);
+        if let Some(delay) = marked.retry_in {
+            if sleep_or_stop(stop, delay).await {
+                return Ok(Led::Stopped);
+            }
+        }
+        pruner.maybe_prune(conn, settings).await?;
+    }
+}
+
+/// Wakes the leader on every notification, and after a reconnect (notifications sent
+/// meanwhile are lost; the poll interval covers the rest).
+async fn listen(pool: sqlx::PgPool, wake: Arc<Notify>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::debug!(%error, "relay listener cannot connect; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(CHANNEL).await {
+            tracing::debug!(%error, "relay cannot LISTEN; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        wake.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => wake.notify_one(),
+                // The connection dropped and was re-established: look again.
+                Ok(None) => wake.notify_one(),
+                Err(error) => {
+                    tracing::debug!(%error, "relay listener failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct OutboxRow {
+    seq: i64,
+    id: Uuid,
+    name: String,
+    version: i32,
+    subject: String,
+    payload: String,
+    source: String,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    traceparent: Option<String>,
+    occurred_at: OffsetDateTime,
+    attempts: i32,
+    next_attempt_at: OffsetDateTime,
+}
+
+impl OutboxRow {
+    fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            id: self.id,
+            name: &self.name,
+            version: self.version,
+            subject: &self.subject,
+            source: &self.source,
+            occurred_at: self.occurred_at,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
+}
+
+/// Reads the next batch up to the fence; `None` if told to stop while waiting.
+async fn fetch_batch(
+    conn: &mut PgConnection,
+    inner: &Inner,
+    stop: &mut watch::Receiver<bool>,
+    given_up: &mut HashSet<String>,
+) -> Result<Option<Vec<OutboxRow>>, sqlx::Error> {
+    let settings = &inner.config.relay;
+    let fence: i64 = sqlx::query_scalar("SELECT last_value FROM edupulse.outbox_seq_seq")
+        .fetch_one(&mut *conn)
+        .await?;
+    let holders: Vec<String> = sqlx::query_scalar(HOLDERS).fetch_one(&mut *conn).await?;
+    given_up.retain(|vxid| holders.contains(vxid));
+    let mut waiting: Vec<String> = holders
+        .into_iter()
+        .filter(|vxid| !given_up.contains(vxid))
+        .collect();
+    if !waiting.is_empty() {
+        let deadline = Instant::now() + settings.order_wait_limit;
+        let mut pause = Duration::from_micros(500);
+        loop {
+            let still: i64 = sqlx::query_scalar(STILL_HOLDING)
+                .bind(&waiting)
+                .fetch_one(&mut *conn)
+                .await?;
+            if still == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    transactions = ?waiting,
+                    "a transaction has held earlier outbox events uncommitted for longer than \
+                     order_wait_limit; publishing later events ahead of them"
+                );
+                given_up.extend(waiting.drain(..));
+                break;
+            }
+            if sleep_or_stop(stop, pause).await {
+                return Ok(None);
+            }
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+    let rows = sqlx::query(READ_BATCH)
+        .bind(fence)
+        .bind(i64::from(settings.batch_size))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(OutboxRow {
+                seq: row.try_get("seq")?,
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                version: row.try_get("version")?,
+                subject: row.try_get("subject")?,
+                payload: row.try_get("payload")?,
+                source: row.try_get("source")?,
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                traceparent: row.try_get("traceparent")?,
+                occurred_at: row.try_get("occurred_at")?,
+                attempts: row.try_get("attempts")?,
+                next_attempt_at: row.try_get("next_attempt_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map(Some)
+}
+
+/// Why a publish failed.
+enum Failure {
+    /// Retrying cannot fix it: the event goes dead.
+    Permanent(String),
+    /// Retrying may: the event waits and is published again.
+    Transient(String),
+}
+
+fn classify(error: &PublishError) -> Failure {
+    use std::error::Error as _;
+    let message = error.to_string();
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => Failure::Permanent(message),
+        PublishErrorKind::Other => {
+            let api = error
+                .source()
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            match api {
+                // The server refused this message as a bad request (too large for the
+                // stream, say): sending it again gets the same answer.
+                Some(api) if api.code() == 400 => Failure::Permanent(message),
+                _ => Failure::Transient(message),
+            }
+        }
+        _ => Failure::Transient(message),
+    }
+}
+
+/// Publishes a batch, many acks in flight; one result per row, in order, for the rows
+/// up to the first that could not even be sent.
+async fn publish(inner: &Inner, batch: &[OutboxRow]) -> Vec<Result<(), Failure>> {
+    let prefix = &inner.config.subject_prefix;
+    let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
+    for row in batch {
+        let headers = match row.envelope().header_map() {
+            Ok(headers) => headers,
+            Err(why) => {
+                sent.push(Err(Failure::Permanent(why)));
+                continue;
+            }
+        };
+        let subject = format!("{prefix}.{}", row.subject);
+        let payload = Bytes::from(row.payload.clone().into_bytes());
+        match inner
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => sent.push(Ok(ack)),
+            Err(error) => {
+                let failure = classify(&error);
+                let transient = matches!(failure, Failure::Transient(_));
+                sent.push(Err(failure));
+                if transient {
+                    // Sending later events now could put them ahead of this one.
+                    break;
+                }
+            }
+        }
+    }
+    futures::future::join_all(sent.into_iter().map(|sent| async move {
+        match sent {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(&e)),
+            Err(failure) => Err(failure),
+        }
+    }))
+    .await
+}
+
+struct Marked {
+    published: u64,
+    retry_in: Option<Duration>,
+}
+
+/// Marks what JetStream acknowledged, in order, up to the first transient failure.
+async fn mark(
+    conn: &mut PgConnection,
+    inner: &Inner,
+    batch: &[OutboxRow],
+    outcome: Vec<Result<(), Failure>>,
+    pruner: &mut Pruner,
+) -> Result<Marked, sqlx::Error> {
+    let settings = &inner.config.relay;
+    let mut published = Vec::new();
+    let mut dead = Vec::new();
+    let mut retry = None;
+    for (row, result) in batch.iter().zip(outcome) {
+        match result {
+            Ok(()) => published.push(row.seq),
+            Err(Failure::Permanent(why)) => dead.push((row, why)),
+            Err(Failure::Transient(why)) => {
+                retry = Some((row, why));
+                break;
+            }
+        }
+    }
+    if !published.is_empty() {
+        if settings.retention.is_zero() {
+            sqlx::query("DELETE FROM edupulse.outbox WHERE seq = ANY($1)")
+                .bind(&published)
+                .execute(&mut *conn)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE edupulse.outbox
+                 SET status = 'published', published_at = now(), attempts = attempts + 1
+                 WHERE seq = ANY($1)",
+            )
+            .bind(&published)
+            .execute(&mut *conn)
+            .await?;
+            if let Some(last) = published.last() {
+                pruner.published_up_to(*last);
+            }
+        }
+    }
+    for (row, why) in &dead {
+        tracing::error!(
+            id = %row.id, event = %row.name, seq = row.seq, error = %why,
+            "JetStream rejected an event for good; it is dead (see requeue_dead)"
+        );
+        sqlx::query(
+            "UPDATE edupulse.outbox
+             SET status = 'dead', attempts = attempts + 1, last_error = $2
+             WHERE seq = $1",
+        )
+        .bind(row.seq)
+        .bind(why)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let mut retry_in = None;
+    if let Some((row, why)) = retry {
+        let delay = backoff(
+            settings.retry_base,
+            settings.retry_max,
+            row.attempts.saturating_add(1),
+        );
+        tracing::warn!(
+            id = %row.id, event = %row.name, seq = row.seq, attempt = row.attempts + 1,
+            retry_in = ?delay, error = %why,
+            "publishing failed; later events wait behind it"
+        );
+        sqlx::query(
+            "UPDATE edupulse.outbox
+             SET attempts = attempts + 1, last_error = $2,
+                 next_attempt_at = now() + $3 * interval '1 microsecond'
+             WHERE seq = $1",
+        )
+        .bind(row.seq)
+        .bind(&why)
+        .bind(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await?;
+        retry_in = Some(delay);
+    }
+    Ok(Marked {
+        published: published.len() as u64,
+        retry_in,
+    })
+}
+
+/// The delay before attempt `attempt + 1`: doubling from `base`, at most `max`, with
+/// jitter (between half and all of it).
+fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
+    let exponent = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+    let full = base.saturating_mul(2u32.saturating_pow(exponent)).min(max);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let fraction = 0.5 + (random % 1_000) as f64 / 2_000.0;
+    full.mul_f64(fraction)
+}
+
+/// Deletes published rows older than the retention, in bounded batches, walking the
+/// primary key from the oldest row up to the newest row known to be old enough.
+struct Pruner {
+    retention: Duration,
+    /// (when marked, highest seq marked then).
+    marks: VecDeque<(Instant, i64)>,
+    prunable_up_to: i64,
+    last_run: Instant,
+}
+
+impl Pruner {
+    async fn start(conn: &mut PgConnection, retention: Duration) -> Result<Pruner, sqlx::Error> {
+        let mut pruner = Pruner {
+            retention,
+            marks: VecDeque::new(),
+            prunable_up_to: 0,
+            last_run: Instant::now(),
+        };
+        if !retention.is_zero() {
+            // Rows a previous leader published: their age is checked row by row.
+            let newest: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM edupulse.outbox WHERE status = 'published'
+                 ORDER BY seq DESC LIMIT 1",
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(seq) = newest {
+                pruner.prunable_up_to = seq;
+            }
+        }
+        Ok(pruner)
+    }
+
+    fn published_up_to(&mut self, seq: i64) {
+        self.marks.push_back((Instant::now(), seq));
+    }
+
+    async fn maybe_prune(
+        &mut self,
+        conn: &mut PgConnection,
+        settings: &crate::config::RelaySettings,
+    ) -> Result<(), sqlx::Error> {
+        if self.retention.is_zero() || self.last_run.elapsed() < settings.prune_interval {
+            return Ok(());
+        }
+        self.last_run = Instant::now();
+        while let Some((at, seq)) = self.marks.front().copied() {
+            if at.elapsed() < self.retention {
+                break;
+            }
+            self.prunable_up_to = self.prunable_up_to.max(seq);
+            self.marks.pop_front();
+        }
+        if self.prunable_up_to == 0 {
+            return Ok(());
+        }
+        // At most ten statements per run, so publishing never waits long.
+        for _ in 0..10 {
+            let deleted = sqlx::query(
+                "DELETE FROM edupulse.outbox WHERE seq IN (
+                    SELECT seq FROM edupulse.outbox
+                    WHERE seq <= $1 AND status = 'published'
+                      AND published_at < now() - $2 * interval '1 microsecond'
+                    ORDER BY seq LIMIT $3)",
+            )
+            .bind(self.prunable_up_to)
+            .bind(i64::try_from(self.retention.as_micros()).unwrap_or(i64::MAX))
+            .bind(i64::from(settings.prune_batch))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            tracing::debug!(deleted, "relay pruned published events");
+            if deleted < u64::from(settings.prune_batch) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 1..40 {
+            let delay = backoff(base, max, attempt);
+            let full = (base * 2u32.pow((attempt - 1).min(30) as u32)).min(max);
+            assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
+        }
+        assert!(backoff(base, max, 1) <= base);
+        assert!(backoff(base, max, 30) >= max / 2);
+    }
+}
