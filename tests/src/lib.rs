@@ -1,1 +1,324 @@
-//! Integration tests live in `tests/`.
+//! Helpers for the integration tests: an isolated database, stream and subject prefix
+//! per test on the shared Postgres and NATS, a private `nats-server` for tests that
+//! kill one, and waiting for a condition with a deadline.
+
+use async_nats::jetstream::{self, consumer};
+use edupulse_events::{Config, ConfigBuilder, EventService, RelaySettings};
+use futures::StreamExt;
+use sqlx::Connection;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The shared Postgres server, as the machine and CI run it.
+pub fn admin_url() -> String {
+    std::env::var("EDUPULSE_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The shared NATS server.
+pub fn shared_nats_url() -> String {
+    std::env::var("EDUPULSE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A short random name part.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// One test's own database, stream and subject prefix; dropped (best effort) at the end.
+pub struct TestEnv {
+    /// The database's name.
+    pub db_name: String,
+    /// The URL of the test's database.
+    pub database_url: String,
+    /// The subject prefix, e.g. `t3f2c….events`.
+    pub prefix: String,
+    /// The stream name.
+    pub stream: String,
+    /// The NATS server the test uses.
+    pub nats_url: String,
+}
+
+impl TestEnv {
+    /// Creates a fresh database on the shared Postgres; uses the shared NATS.
+    pub async fn new() -> TestEnv {
+        Self::with_nats(shared_nats_url()).await
+    }
+
+    /// Creates a fresh database; uses the NATS server at `nats_url`.
+    pub async fn with_nats(nats_url: String) -> TestEnv {
+        let id = unique();
+        let db_name = format!("edupulse_test_{id}");
+        let mut admin = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("the shared Postgres answers on 127.0.0.1:5432");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let base = admin_url();
+        let database_url = match base.rfind('/') {
+            Some(i) => format!("{}/{db_name}", &base[..i]),
+            None => panic!("admin URL without a database: {base}"),
+        };
+        TestEnv {
+            db_name,
+            database_url,
+            prefix: format!("t{id}.events"),
+            stream: format!("T{}", id.to_uppercase()),
+            nats_url,
+        }
+    }
+
+    /// Relay settings tuned for tests: short intervals, quick retries.
+    pub fn fast_relay() -> RelaySettings {
+        RelaySettings {
+            poll_interval: Duration::from_millis(200),
+            standby_interval: Duration::from_millis(200),
+            ack_timeout: Duration::from_secs(2),
+            retry_base: Duration::from_millis(50),
+            retry_max: Duration::from_millis(500),
+            ..RelaySettings::default()
+        }
+    }
+
+    /// A configuration for this test's database, prefix and stream.
+    pub fn config(&self) -> ConfigBuilder {
+        Config::builder(&self.database_url)
+            .nats_url(&self.nats_url)
+            .subject_prefix(&self.prefix)
+            .stream(&self.stream)
+            .source("edupulse-tests")
+            .relay(Self::fast_relay())
+    }
+
+    /// A connected, migrated service with the test configuration.
+    pub async fn service(&self) -> EventService {
+        self.service_with(self.config()).await
+    }
+
+    /// A connected, migrated service with `config`.
+    pub async fn service_with(&self, config: ConfigBuilder) -> EventService {
+        let service = EventService::connect(config.build().expect("valid test config"))
+            .await
+            .expect("connect to the test services");
+        service.migrate().await.expect("migrate");
+        service
+    }
+
+    /// A JetStream context on this test's NATS server.
+    pub async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.nats_url.as_str())
+            .await
+            .expect("NATS answers");
+        jetstream::new(client)
+    }
+
+    /// How many messages the test's stream holds.
+    pub async fn stream_len(&self, js: &jetstream::Context) -> u64 {
+        let mut stream = js.get_stream(&self.stream).await.expect("stream exists");
+        stream.info().await.expect("stream info").state.messages
+    }
+
+    /// Every message of the test's stream, in stream order.
+    pub async fn stream_messages(&self, js: &jetstream::Context) -> Vec<jetstream::Message> {
+        let stream = js.get_stream(&self.stream).await.expect("stream exists");
+        let count = self.stream_len(js).await;
+        if count == 0 {
+            return Vec::new();
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let messages = consumer.messages().await.expect("messages");
+        let mut taken = messages.take(count as usize);
+        let mut out = Vec::with_capacity(count as usize);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Some(message) = tokio::time::timeout_at(deadline, taken.next())
+            .await
+            .expect("the stream is read within 60 s")
+        {
+            out.push(message.expect("message"));
+        }
+        out
+    }
+
+    /// The ids (`Nats-Msg-Id`) of the stream's messages, in stream order.
+    pub async fn stream_ids(&self, js: &jetstream::Context) -> Vec<uuid::Uuid> {
+        self.stream_messages(js)
+            .await
+            .iter()
+            .map(|m| header(m, "Nats-Msg-Id").parse().expect("uuid msg id"))
+            .collect()
+    }
+
+    /// A connection to the test's database.
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let db_name = self.db_name.clone();
+        let stream = self.stream.clone();
+        let nats_url = self.nats_url.clone();
+        // Async work cannot run in Drop; a thread with its own runtime does it.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                }
+                let connect = async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_secs(1))
+                    .connect(nats_url.as_str());
+                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), connect).await
+                {
+                    let _ = jetstream::new(client).delete_stream(&stream).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// The value of header `name` of a message; panics if missing (tests only).
+pub fn header<'a>(message: &'a async_nats::Message, name: &str) -> &'a str {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or_else(|| panic!("message has no {name} header"))
+}
+
+/// Waits until `check` returns true, polling every 20 ms; panics after `limit` with
+/// `what`.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A private nats-server with JetStream, on a free port, that a test may kill, pause
+/// and restart (with the same store, so the stream survives).
+pub struct NatsServer {
+    /// The server's port.
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub async fn start() -> NatsServer {
+        let store = std::env::temp_dir().join(format!("edupulse-nats-{}", unique()));
+        std::fs::create_dir_all(&store).expect("create nats store dir");
+        let mut server = NatsServer {
+            port: free_port(),
+            store,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The URL to connect to.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let binary = if which(&binary) {
+            binary
+        } else {
+            "/usr/sbin/nats-server".to_owned()
+        };
+        let child = Command::new(binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (is it installed?)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(
+            Duration::from_secs(20),
+            "nats-server to accept connections",
+            || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+        )
+        .await;
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+fn which(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
