@@ -1,0 +1,279 @@
+//! The relay under failure, against real servers: NATS down, a relay dying between
+//! ack and mark, several relays at once, a killed leader connection and a killed
+//! LISTEN connection.
+
+use edupulse_events::{DomainEvent, EventService, RelaySettings};
+use edupulse_events_tests::{wait_for, NatsServer, TestEnv};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "quiz.submitted", subject = "quiz.{writer}.submitted")]
+pub struct QuizSubmitted {
+    pub writer: u32,
+    pub counter: u32,
+}
+
+fn quiz(writer: u32, counter: u32) -> QuizSubmitted {
+    QuizSubmitted { writer, counter }
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The ids of the outbox in sequence order (published or not).
+async fn ids_in_seq_order(service: &EventService) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT id FROM edupulse.outbox ORDER BY seq")
+        .fetch_all(service.pool())
+        .await
+        .unwrap()
+}
+
+async fn pending(service: &EventService) -> i64 {
+    service.outbox_status().await.unwrap().pending
+}
+
+/// Asserts the stream holds exactly `expected`, once each, in that order.
+async fn assert_stream_is(env: &TestEnv, js: &async_nats::jetstream::Context, expected: &[Uuid]) {
+    let got = env.stream_ids(js).await;
+    let unique: HashSet<&Uuid> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "duplicates in the stream");
+    assert_eq!(got.len(), expected.len(), "stream length");
+    assert!(got == expected, "stream order differs from sequence order");
+}
+
+#[tokio::test]
+async fn events_emitted_while_nats_is_down_are_delivered_in_order_once() {
+    let mut nats = NatsServer::start().await;
+    let env = TestEnv::with_nats(nats.url()).await;
+    let service = env.service().await;
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+
+    let first = service.emit(quiz(0, 0)).await.unwrap();
+    wait_for(WAIT, "the first event to be published", || async {
+        pending(&service).await == 0
+    })
+    .await;
+
+    nats.kill();
+    for counter in 1..=100 {
+        service
+            .emit(quiz(0, counter))
+            .await
+            .expect("emit works without NATS");
+    }
+    // The relay keeps failing while NATS is down; the events wait in the outbox.
+    wait_for(WAIT, "a failed publish attempt to be recorded", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM edupulse.outbox WHERE attempts > 0 AND status = 'pending'",
+        )
+        .fetch_one(service.pool())
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    assert_eq!(pending(&service).await, 100);
+
+    nats.restart().await;
+    wait_for(
+        WAIT,
+        "every event to be published after NATS returns",
+        || async { pending(&service).await == 0 },
+    )
+    .await;
+    let expected = ids_in_seq_order(&service).await;
+    assert_eq!(expected[0], first);
+    let js = {
+        drop(js);
+        env.jetstream().await
+    };
+    assert_stream_is(&env, &js, &expected).await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let js = env.jetstream().await;
+
+    let doomed = service.start_relay();
+    doomed.__crash_before_mark();
+    let ids = service.emit_all((0..50).map(|c| quiz(1, c))).await.unwrap();
+    wait_for(WAIT, "the doomed relay to publish and die", || async {
+        doomed.is_finished()
+    })
+    .await;
+    doomed.shutdown().await.unwrap();
+    // Published but not marked.
+    assert_eq!(env.stream_len(&js).await, 50);
+    assert_eq!(pending(&service).await, 50);
+
+    let next = service.start_relay();
+    wait_for(WAIT, "the next relay to republish and mark", || async {
+        pending(&service).await == 0
+    })
+    .await;
+    assert_eq!(next.published(), 50);
+    assert_stream_is(&env, &js, &ids).await;
+    next.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn three_relays_and_eight_writers_publish_each_event_once_in_sequence_order() {
+    let env = TestEnv::new().await;
+    let services = [
+        env.service().await,
+        env.service().await,
+        env.service().await,
+    ];
+    let relays: Vec<_> = services.iter().map(|s| s.start_relay()).collect();
+    let js = env.jetstream().await;
+
+    let writers: Vec<_> = (0..8u32)
+        .map(|writer| {
+            let service = services[writer as usize % 3].clone();
+            tokio::spawn(async move {
+                for counter in 0..1250u32 {
+                    if counter % 50 == 0 {
+                        // Some business transactions emit several events.
+                        let mut tx = service.pool().begin().await.unwrap();
+                        service
+                            .emit_all_in(&mut tx, (0..5).map(|i| quiz(writer, counter * 10 + i)))
+                            .await
+                            .unwrap();
+                        tx.commit().await.unwrap();
+                    } else {
+                        service.emit(quiz(writer, counter * 10)).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let expected = ids_in_seq_order(&services[0]).await;
+    assert_eq!(expected.len(), 8 * (1250 + 25 * 4));
+    wait_for(WAIT, "every event to be published", || async {
+        pending(&services[0]).await == 0
+    })
+    .await;
+    let leaders = relays.iter().filter(|r| r.is_leader()).count();
+    assert_eq!(leaders, 1, "exactly one relay leads");
+    let published: u64 = relays.iter().map(|r| r.published()).sum();
+    assert_eq!(published, expected.len() as u64);
+    assert_stream_is(&env, &js, &expected).await;
+    for relay in relays {
+        relay.shutdown().await.unwrap();
+    }
+}
+
+/// The backend pid holding the relay's leader lock.
+async fn leader_pid(service: &EventService) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_optional(service.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn killing_the_leaders_connection_hands_over_without_loss() {
+    let env = TestEnv::new().await;
+    let a = env.service().await;
+    let b = env.service().await;
+    let relay_a = a.start_relay();
+    let relay_b = b.start_relay();
+    let js = env.jetstream().await;
+    wait_for(WAIT, "a leader", || async {
+        relay_a.is_leader() || relay_b.is_leader()
+    })
+    .await;
+
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for counter in 0..400 {
+                a.emit(quiz(2, counter)).await.unwrap();
+            }
+        })
+    };
+    // Kill the leader's connection while events flow.
+    wait_for(WAIT, "some events to be published", || async {
+        relay_a.published() + relay_b.published() >= 50
+    })
+    .await;
+    let pid = leader_pid(&a).await.expect("the leader holds the lock");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+    writer.await.unwrap();
+
+    wait_for(WAIT, "a new leader to publish everything", || async {
+        pending(&a).await == 0
+    })
+    .await;
+    let new_pid = leader_pid(&a).await.expect("a leader again");
+    assert_ne!(new_pid, pid);
+    let expected = ids_in_seq_order(&a).await;
+    assert_eq!(expected.len(), 400);
+    assert_stream_is(&env, &js, &expected).await;
+    relay_a.shutdown().await.unwrap();
+    relay_b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn killing_the_listen_connection_still_delivers_within_the_poll_interval() {
+    let env = TestEnv::new().await;
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            poll_interval: Duration::from_secs(2),
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+    let first = service.emit(quiz(3, 0)).await.unwrap();
+    wait_for(WAIT, "the first event", || async {
+        pending(&service).await == 0
+    })
+    .await;
+
+    let listeners: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(service.pool())
+    .await
+    .unwrap();
+    assert_eq!(listeners.len(), 1, "the relay listens on one connection");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(listeners[0])
+        .execute(service.pool())
+        .await
+        .unwrap();
+
+    let started = tokio::time::Instant::now();
+    let second = service.emit(quiz(3, 1)).await.unwrap();
+    wait_for(WAIT, "the event after the kill", || async {
+        pending(&service).await == 0
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2) + Duration::from_secs(3),
+        "delivered within the poll interval (plus slack): {:?}",
+        started.elapsed()
+    );
+    assert_stream_is(&env, &js, &[first, second]).await;
+    relay.shutdown().await.unwrap();
+}
