@@ -6,7 +6,7 @@ use crate::migrate::{migrator, MigrateError};
 use crate::registry::{registry, RegistryError};
 use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream, ErrorCode};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::fmt;
 use std::sync::Arc;
 
@@ -136,6 +136,16 @@ impl EventService {
             .parse()
             .map_err(|e: sqlx::Error| pg_error(&e))?;
         let pg_options = pg_options.application_name(&config.source);
+        // One direct connection first: a pool only reports "timed out" when the server
+        // refuses, while a connection says why.
+        let probe = tokio::time::timeout(
+            config.connect_timeout,
+            PgConnection::connect_with(&pg_options),
+        )
+        .await
+        .map_err(|_| pg_error(&format!("no answer within {:?}", config.connect_timeout)))?
+        .map_err(|e| pg_error(&e))?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
