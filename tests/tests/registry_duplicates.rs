@@ -58,3 +58,17 @@ fn a_shared_name_is_an_error_naming_both_types() {
     assert_eq!(registry().len(), 3);
     assert_eq!(LessonPublished::NAME, "lesson.published");
 }
+
+#[tokio::test]
+async fn the_service_refuses_to_start_with_a_shared_name() {
+    // The registry is checked before any connection: these addresses are never tried.
+    let config = edupulse_events::Config::builder("postgres://postgres@127.0.0.1:1/none")
+        .nats_url("nats://127.0.0.1:1")
+        .build()
+        .unwrap();
+    let error = edupulse_events::EventService::connect(config)
+        .await
+        .expect_err("two types share quiz.submitted");
+    assert_eq!(error.kind(), edupulse_events::ConnectErrorKind::Registry);
+    assert!(error.to_string().contains("`quiz.submitted`"), "{error}");
+}
