@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod consumer;
 mod event;
 mod message;
 mod migrate;
@@ -30,6 +31,10 @@ mod service;
 pub use config::{
     Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, RelaySettings, DEFAULT_NATS_URL,
     DEFAULT_SOURCE, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
+};
+pub use consumer::{
+    ConsumerBuilder, ConsumerError, ConsumerHandle, ConsumerSettings, DeadLetter, Envelope,
+    HandlerError, Received, StartFrom,
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{check_token, DomainEvent, SubjectError, TokenProblem, MAX_TOKEN_LEN};

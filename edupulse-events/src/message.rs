@@ -35,7 +35,7 @@ pub mod headers {
 
 /// What a message's headers are built from; one outbox row.
 #[derive(Debug, Clone)]
-pub(crate) struct Envelope<'a> {
+pub(crate) struct Outbound<'a> {
     pub id: Uuid,
     pub name: &'a str,
     pub version: i32,
@@ -47,7 +47,7 @@ pub(crate) struct Envelope<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-impl Envelope<'_> {
+impl Outbound<'_> {
     /// The headers, in order, as (name, value).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         let time = self
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn headers_follow_the_cloudevents_binding() {
         let id = Uuid::now_v7();
-        let envelope = Envelope {
+        let envelope = Outbound {
             id,
             name: "lesson.published",
             version: 2,

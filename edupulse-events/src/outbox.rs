@@ -1,7 +1,7 @@
 //! Writing events into the outbox, and looking at it.
 
 use crate::event::SubjectError;
-use crate::message::{valid_traceparent, Envelope};
+use crate::message::{valid_traceparent, Outbound};
 use crate::service::EventService;
 use crate::DomainEvent;
 use sqlx::{PgConnection, Row};
@@ -404,8 +404,15 @@ impl EventService {
         }
         let id = Uuid::now_v7();
         let occurred_at = OffsetDateTime::now_utc();
-        let correlation_id = outgoing.correlation_id.unwrap_or(id);
-        let envelope = Envelope {
+        // Inside a consumer's handler, a new event is caused by the one being handled
+        // and joins its conversation, unless the caller said otherwise.
+        let cause = crate::consumer::current_cause();
+        let causation_id = outgoing.causation_id.or(cause.map(|c| c.event_id));
+        let correlation_id = outgoing
+            .correlation_id
+            .or(cause.map(|c| c.correlation_id))
+            .unwrap_or(id);
+        let envelope = Outbound {
             id,
             name: E::NAME,
             version: version_i32::<E>(),
@@ -413,7 +420,7 @@ impl EventService {
             source: &self.inner.config.source,
             occurred_at,
             correlation_id: Some(correlation_id),
-            causation_id: outgoing.causation_id,
+            causation_id,
             traceparent: outgoing.traceparent.as_deref(),
         };
         let headers = envelope.headers_wire_len();
@@ -430,7 +437,7 @@ impl EventService {
             subject,
             payload,
             correlation_id,
-            causation_id: outgoing.causation_id,
+            causation_id,
             traceparent: outgoing.traceparent,
             occurred_at,
             body_limit: i64::try_from(max - headers).unwrap_or(i64::MAX),

@@ -12,7 +12,7 @@
 //! locks in `pg_locks`). Every event up to the fence is then committed or gone, and the
 //! batch stops at the fence, so nothing is published ahead of an earlier event.
 
-use crate::message::Envelope;
+use crate::message::Outbound;
 use crate::outbox::CHANNEL;
 use crate::service::{EventService, Inner};
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
@@ -342,8 +342,8 @@ struct OutboxRow {
 }
 
 impl OutboxRow {
-    fn envelope(&self) -> Envelope<'_> {
-        Envelope {
+    fn envelope(&self) -> Outbound<'_> {
+        Outbound {
             id: self.id,
             name: &self.name,
             version: self.version,
@@ -593,7 +593,7 @@ async fn mark(
 
 /// The delay before attempt `attempt + 1`: doubling from `base`, at most `max`, with
 /// jitter (between half and all of it).
-fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
+pub(crate) fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
     let exponent = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
     let full = base.saturating_mul(2u32.saturating_pow(exponent)).min(max);
     let random = std::collections::hash_map::RandomState::new()

@@ -1,0 +1,626 @@
+//! Consumer groups against the real Postgres and NATS: retries, the exactly-once inbox,
+//! dead letters, shutdown under load, and two instances sharing a group.
+
+use edupulse_events::{
+    ConsumerSettings, DomainEvent, EventService, HandlerError, Received, RelayHandle,
+};
+use edupulse_events_tests::{wait_for, TestEnv};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(name = "lesson.published")]
+pub struct LessonPublished {
+    pub lesson_id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(
+    name = "quiz.submitted",
+    version = 2,
+    subject = "quiz.{quiz_id}.submitted"
+)]
+pub struct QuizSubmitted {
+    pub quiz_id: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(name = "quiz.graded")]
+pub struct QuizGraded {
+    pub quiz_id: String,
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fast() -> ConsumerSettings {
+    ConsumerSettings {
+        retry_base: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        ack_wait: Duration::from_secs(2),
+        shutdown_timeout: Duration::from_secs(10),
+        ..ConsumerSettings::default()
+    }
+}
+
+struct Setup {
+    env: TestEnv,
+    service: EventService,
+    relay: RelayHandle,
+}
+
+async fn setup() -> Setup {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    sqlx::query("CREATE TABLE effects (event_id UUID NOT NULL, note TEXT NOT NULL)")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    let relay = service.start_relay();
+    Setup {
+        env,
+        service,
+        relay,
+    }
+}
+
+async fn count(service: &EventService, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(service.pool())
+        .await
+        .unwrap()
+}
+
+/// An `on_tx` handler that records its effect in `effects`.
+fn record_effect<'c>(
+    tx: &'c mut sqlx::PgConnection,
+    id: Uuid,
+    note: String,
+) -> futures::future::BoxFuture<'c, Result<(), HandlerError>> {
+    Box::pin(async move {
+        sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, $2)")
+            .bind(id)
+            .bind(note)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    })
+}
+
+#[tokio::test]
+async fn a_handler_failing_twice_is_delivered_three_times_and_applied_once() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let consumer = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx::<LessonPublished, _>(move |tx, received| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                seen.lock().unwrap().push(received.envelope.attempt);
+                sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'applied')")
+                    .bind(received.envelope.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if received.envelope.attempt < 3 {
+                    // The effect above rolls back with the failure.
+                    return Err(format!("transient failure {}", received.envelope.attempt).into());
+                }
+                Ok(())
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let id = service
+        .emit(LessonPublished { lesson_id: 1 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the event to be handled", || async {
+        consumer.handled() == 1
+    })
+    .await;
+    assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(effects, 1);
+    assert_eq!(consumer.dead_lettered(), 0);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn received_carries_the_envelope_and_emitted_events_carry_the_cause() {
+    let Setup {
+        service,
+        relay,
+        env,
+    } = setup().await;
+    let got = Arc::new(Mutex::new(None));
+    let sink = got.clone();
+    let emitter = service.clone();
+    let consumer = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx::<QuizSubmitted, _>(move |tx, received| {
+            let sink = sink.clone();
+            let emitter = emitter.clone();
+            Box::pin(async move {
+                let graded = emitter
+                    .emit_in(
+                        tx,
+                        QuizGraded {
+                            quiz_id: received.event.quiz_id.clone(),
+                        },
+                    )
+                    .await?;
+                *sink.lock().unwrap() = Some((received, graded));
+                Ok(())
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let correlation = Uuid::now_v7();
+    let id = service
+        .emit(
+            edupulse_events::Outgoing::new(QuizSubmitted {
+                quiz_id: "q7".into(),
+                score: 0.75,
+            })
+            .correlation_id(correlation),
+        )
+        .await
+        .unwrap();
+    wait_for(WAIT, "the event to be handled", || async {
+        consumer.handled() == 1
+    })
+    .await;
+    let (received, graded) = got.lock().unwrap().clone().expect("handled");
+    assert_eq!(received.event.quiz_id, "q7");
+    let envelope = &received.envelope;
+    assert_eq!(envelope.id, id);
+    assert_eq!(envelope.name, "quiz.submitted");
+    assert_eq!(envelope.version, 2);
+    assert_eq!(envelope.source, "edupulse-tests");
+    assert_eq!(
+        envelope.subject,
+        format!("{}.quiz.q7.submitted", env.prefix)
+    );
+    assert_eq!(envelope.correlation_id, Some(correlation));
+    assert_eq!(envelope.attempt, 1);
+    assert!(envelope.stream_sequence >= 1);
+
+    let row: (Option<Uuid>, Option<Uuid>) =
+        sqlx::query_as("SELECT causation_id, correlation_id FROM edupulse.outbox WHERE id = $1")
+            .bind(graded)
+            .fetch_one(service.pool())
+            .await
+            .unwrap();
+    assert_eq!(row, (Some(id), Some(correlation)));
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_event_published_again_past_the_duplicate_window_is_applied_once() {
+    let env = TestEnv::new().await;
+    let service = env
+        .service_with(env.config().duplicate_window(Duration::from_millis(200)))
+        .await;
+    sqlx::query("CREATE TABLE effects (event_id UUID NOT NULL, note TEXT NOT NULL)")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+    let id = service
+        .emit(LessonPublished { lesson_id: 5 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the event in the stream", || async {
+        env.stream_len(&js).await == 1
+    })
+    .await;
+
+    // Publish the very same message again until JetStream no longer calls it a duplicate.
+    let original = env.stream_messages(&js).await.remove(0);
+    wait_for(WAIT, "a copy past the duplicate window", || async {
+        let ack = js
+            .publish_with_headers(
+                original.subject.clone(),
+                original.headers.clone().unwrap_or_default(),
+                original.payload.clone(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        !ack.duplicate
+    })
+    .await;
+    assert_eq!(env.stream_len(&js).await, 2);
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let consumer = service
+        .consumer("indexer")
+        .settings(fast())
+        .on_tx::<LessonPublished, _>(move |tx, received| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            record_effect(tx, received.envelope.id, "indexed".into())
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_for(WAIT, "both copies to be consumed", || async {
+        consumer.handled() + consumer.duplicates() == 2
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(consumer.duplicates(), 1);
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(effects, 1);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dying_after_commit_before_ack_still_applies_the_effect_once() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let start = |service: &EventService| {
+        service
+            .consumer("indexer")
+            .settings(fast())
+            .on_tx::<LessonPublished, _>(|tx, received| {
+                record_effect(tx, received.envelope.id, "indexed".into())
+            })
+            .start()
+    };
+    let doomed = start(&service).await.unwrap();
+    doomed.__crash_after_commit();
+    let id = service
+        .emit(LessonPublished { lesson_id: 9 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the doomed instance to commit and die", || async {
+        doomed.is_finished()
+    })
+    .await;
+    doomed.shutdown().await.unwrap();
+    let effects = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects WHERE event_id = $1")
+            .bind(id)
+            .fetch_one(service.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(effects().await, 1, "committed before the crash");
+
+    // The unacked message comes back after ack_wait; the inbox skips it.
+    let next = start(&service).await.unwrap();
+    wait_for(WAIT, "the redelivery to be skipped", || async {
+        next.duplicates() == 1
+    })
+    .await;
+    assert_eq!(next.handled(), 0);
+    assert_eq!(effects().await, 1);
+    next.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_poison_event_is_dead_lettered_and_the_rest_keep_flowing() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let sink = handled.clone();
+    let consumer = service
+        .consumer("grading")
+        .settings(ConsumerSettings {
+            max_deliveries: 3,
+            ..fast()
+        })
+        .on::<LessonPublished, _, _>(move |received: Received<LessonPublished>| {
+            let sink = sink.clone();
+            async move {
+                if received.event.lesson_id == 2 {
+                    return Err("lesson 2 is poison".into());
+                }
+                sink.lock().unwrap().push(received.event.lesson_id);
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let ids = service
+        .emit_all((1..=4).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    wait_for(WAIT, "the healthy events to be handled", || async {
+        consumer.handled() == 3
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), vec![1, 3, 4], "in stream order");
+    let dead = service.dead_letters("grading", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "handler_failed");
+    assert_eq!(dead[0].event_id, Some(ids[1]));
+    assert_eq!(dead[0].deliveries, 3);
+    assert!(dead[0].error.contains("poison"), "{}", dead[0].error);
+    let payload: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(payload["lesson_id"], 2);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_and_unknown_messages_go_to_dead_letters_with_a_reason() {
+    let Setup {
+        env,
+        service,
+        relay,
+    } = setup().await;
+    let js = env.jetstream().await;
+    let consumer = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx::<LessonPublished, _>(|tx, received| {
+            record_effect(tx, received.envelope.id, "ok".into())
+        })
+        .on::<QuizSubmitted, _, _>(|_: Received<QuizSubmitted>| async { Ok(()) })
+        .start()
+        .await
+        .unwrap();
+    let subject = format!("{}.lesson.published", env.prefix);
+    let headers = |name: &str, version: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("ce-specversion", "1.0");
+        h.insert("ce-id", Uuid::now_v7().to_string().as_str());
+        h.insert("ce-type", name);
+        h.insert("ce-eventversion", version);
+        h
+    };
+    let publish = |headers: async_nats::HeaderMap, body: &'static [u8]| {
+        let js = js.clone();
+        let subject = subject.clone();
+        async move {
+            js.publish_with_headers(subject, headers, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish(headers("lesson.published", "1"), b"{not json").await;
+    publish(
+        headers("lesson.published", "1"),
+        br#"{"lesson_id": "seven"}"#,
+    )
+    .await;
+    publish(headers("lesson.published", "99"), br#"{"lesson_id": 7}"#).await;
+    publish(headers("lesson.deleted", "1"), br#"{"lesson_id": 7}"#).await;
+    publish(async_nats::HeaderMap::new(), br#"{"lesson_id": 7}"#).await;
+    // A healthy event behind them still flows.
+    service
+        .emit(LessonPublished { lesson_id: 8 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the healthy event", || async {
+        consumer.handled() == 1
+    })
+    .await;
+    wait_for(WAIT, "five dead letters", || async {
+        consumer.dead_lettered() == 5
+    })
+    .await;
+    let dead = service.dead_letters("grading", 10).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "undecodable",
+            "undecodable",
+            "unknown_version",
+            "unknown_event",
+            "undecodable"
+        ]
+    );
+    assert!(
+        dead[0].error.contains("does not decode"),
+        "{}",
+        dead[0].error
+    );
+    assert!(dead[2].error.contains("version 99"), "{}", dead[2].error);
+    assert!(
+        dead[3].error.contains("lesson.deleted"),
+        "{}",
+        dead[3].error
+    );
+    assert!(dead[4].error.contains("ce-type"), "{}", dead[4].error);
+    assert_eq!(dead[0].payload, b"{not json");
+    assert!(
+        dead.iter().all(|d| d.deliveries == 1),
+        "dead-lettered at once"
+    );
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 1);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let start = |service: &EventService| {
+        service
+            .consumer("indexer")
+            .settings(ConsumerSettings {
+                concurrency: 4,
+                ..fast()
+            })
+            .on_tx::<QuizSubmitted, _>(|tx, received| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'first')")
+                        .bind(received.envelope.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'second')")
+                        .bind(received.envelope.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .start()
+    };
+    service
+        .emit_all((0..600).map(|i| QuizSubmitted {
+            quiz_id: format!("q{}", i % 17),
+            score: 1.0,
+        }))
+        .await
+        .unwrap();
+    let first = start(&service).await.unwrap();
+    wait_for(WAIT, "some events to be handled", || async {
+        first.handled() >= 60
+    })
+    .await;
+    first.shutdown().await.unwrap();
+    let inbox = count(&service, "SELECT count(*) FROM edupulse.inbox").await;
+    let effects = count(&service, "SELECT count(*) FROM effects").await;
+    assert!(inbox < 600, "shut down before the end ({inbox})");
+    assert_eq!(
+        effects,
+        inbox * 2,
+        "every handled event has both effects, no other has any"
+    );
+
+    let second = start(&service).await.unwrap();
+    wait_for(WAIT, "every event to be handled", || async {
+        count(&service, "SELECT count(*) FROM edupulse.inbox").await == 600
+    })
+    .await;
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 1200);
+    assert_eq!(
+        count(&service, "SELECT count(DISTINCT event_id) FROM effects").await,
+        600
+    );
+    second.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_instances_of_one_group_share_the_work_and_handle_each_event_once() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let other = {
+        let config = service.config().clone();
+        EventService::connect(config).await.unwrap()
+    };
+    let start = |service: &EventService| {
+        service
+            .consumer("indexer")
+            .settings(ConsumerSettings {
+                concurrency: 2,
+                fetch_batch: 20,
+                ..fast()
+            })
+            .on_tx::<QuizSubmitted, _>(|tx, received| {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'x')")
+                        .bind(received.envelope.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .start()
+    };
+    let a = start(&service).await.unwrap();
+    let b = start(&other).await.unwrap();
+    service
+        .emit_all((0..1000).map(|i| QuizSubmitted {
+            quiz_id: format!("q{}", i % 31),
+            score: 0.5,
+        }))
+        .await
+        .unwrap();
+    wait_for(WAIT, "every event to be handled", || async {
+        count(&service, "SELECT count(*) FROM edupulse.inbox").await == 1000
+    })
+    .await;
+    assert!(
+        a.handled() > 0 && b.handled() > 0,
+        "both instances worked: {} {}",
+        a.handled(),
+        b.handled()
+    );
+    assert_eq!(a.handled() + b.handled(), 1000);
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 1000);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_consumer_definitions_are_refused() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let noop = |_: Received<LessonPublished>| async { Ok::<(), HandlerError>(()) };
+    let error = service.consumer("a.b").on(noop).start().await.unwrap_err();
+    assert!(error.to_string().contains("invalid"), "{error}");
+    let error = service.consumer("empty").start().await.unwrap_err();
+    assert!(error.to_string().contains("no handler"), "{error}");
+    let error = service
+        .consumer("twice")
+        .on(noop)
+        .on(noop)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("two handlers"), "{error}");
+    let error = service
+        .consumer("zero")
+        .concurrency(0)
+        .on(noop)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("concurrency"), "{error}");
+    relay.shutdown().await.unwrap();
+}
