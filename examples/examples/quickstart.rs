@@ -1,6 +1,7 @@
-//! The whole path on the local services: define two events, migrate, start the relay,
-//! commit a business row and its event in one transaction, read the event back from
-//! JetStream, and shut down cleanly.
+//! The whole path on the local services: define two events, migrate, start the relay
+//! and a consumer group, commit a business row and its events in one transaction, read
+//! the events back from JetStream as any client would, watch the consumer apply them
+//! (once, through its inbox), and shut down cleanly.
 //!
 //! ```sh
 //! cargo run -p edupulse-events-examples --example quickstart
@@ -12,7 +13,8 @@
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use edupulse_events::{
-    Config, ConnectError, ConnectErrorKind, DomainEvent, EventService, Outgoing, Uuid,
+    Config, ConnectError, ConnectErrorKind, ConsumerSettings, DomainEvent, EventService, Outgoing,
+    Received, StartFrom, Uuid,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -82,6 +84,48 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     )
     .execute(service.pool())
     .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS quickstart_grades (
+            quiz_id UUID NOT NULL, student_id UUID NOT NULL, score REAL NOT NULL)",
+    )
+    .execute(service.pool())
+    .await?;
+
+    // The consuming side: a durable consumer group. The quiz handler runs in a
+    // transaction with the inbox, so its row is written once however often the event
+    // is delivered.
+    let consumer = service
+        .consumer("quickstart-grading")
+        .settings(ConsumerSettings {
+            start_from: StartFrom::New,
+            ..ConsumerSettings::default()
+        })
+        .on::<LessonPublished, _, _>(|received: Received<LessonPublished>| async move {
+            println!(
+                "consumer: lesson {:?} published (event {})",
+                received.event.title, received.envelope.id
+            );
+            Ok(())
+        })
+        .on_tx::<QuizSubmitted, _>(|tx, received| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO quickstart_grades (quiz_id, student_id, score) VALUES ($1, $2, $3)",
+                )
+                .bind(received.event.quiz_id)
+                .bind(received.event.student_id)
+                .bind(received.event.score)
+                .execute(&mut *tx)
+                .await?;
+                println!(
+                    "consumer: graded quiz {} (caused by {:?})",
+                    received.event.quiz_id, received.envelope.causation_id
+                );
+                Ok(())
+            })
+        })
+        .start()
+        .await?;
 
     // Watch the stream for what is published from now on.
     let stream = service
@@ -162,10 +206,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    // The consumer applies both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumer.handled() < 2 {
+        if tokio::time::Instant::now() >= deadline {
+            return Err("the consumer did not handle both events within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.shutdown().await?;
     relay.shutdown().await?;
     let status = service.outbox_status().await?;
     println!(
-        "relay stopped cleanly; {} pending, {} dead",
+        "consumer and relay stopped cleanly; {} pending, {} dead",
         status.pending, status.dead
     );
     Ok(())
