@@ -740,7 +740,13 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
                     tracing::debug!(%error, "pull stream error");
                     continue;
                 }
-                None => continue 'fetch,
+                None => {
+                    // The pull stream ended (the consumer was deleted, say): start anew.
+                    if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
+                        break 'fetch;
+                    }
+                    continue 'fetch;
+                }
             };
             if ctx.stats.crashed.load(Ordering::SeqCst) {
                 break 'fetch;

@@ -1,0 +1,1 @@
+//! The fault-injection suite (filled by the fault-injection issue).
