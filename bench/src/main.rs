@@ -1,2 +1,173 @@
-//! Benchmarks of every stage beside its raw baseline (filled by the benchmarks issue).
-fn main() {}
+//! Benchmarks: every stage of edupulse-events beside a raw baseline measured in the
+//! same run, against the local Postgres and NATS.
+//!
+//! ```sh
+//! cargo run --release -p edupulse-bench            # the full run (BENCHMARKS.md)
+//! cargo run --release -p edupulse-bench -- --quick # a smaller, faster run
+//! ```
+//!
+//! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio).
+//! Nothing here fails on a timing: these are measurements, not tests.
+
+mod raw;
+mod stages;
+
+use std::time::Duration;
+
+/// One measured figure beside its baseline.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// The framework's value.
+    pub value: f64,
+    /// The unit of both values.
+    pub unit: &'static str,
+    /// The raw baseline's value, when there is one.
+    pub baseline: Option<f64>,
+    /// What the ratio means, e.g. "framework time / raw time".
+    pub ratio_meaning: &'static str,
+    /// The ratio as the meaning says.
+    pub ratio: Option<f64>,
+}
+
+/// How big a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Events per emit measurement.
+    pub emits: usize,
+    /// Rounds of `emit_all` of 500.
+    pub batches: usize,
+    /// Events drained by the relay.
+    pub relay_events: usize,
+    /// Events published one ack at a time.
+    pub sequential_publishes: usize,
+    /// Seconds of the steady end-to-end run.
+    pub e2e_seconds: u64,
+    /// Seconds per step when searching the highest steady rate.
+    pub step_seconds: u64,
+    /// Events consumed.
+    pub consume_events: usize,
+    /// Pending events for the memory figure.
+    pub memory_events: usize,
+}
+
+impl Scale {
+    fn full() -> Scale {
+        Scale {
+            emits: 4_000,
+            batches: 40,
+            relay_events: 50_000,
+            sequential_publishes: 5_000,
+            e2e_seconds: 10,
+            step_seconds: 4,
+            consume_events: 50_000,
+            memory_events: 1_000_000,
+        }
+    }
+
+    fn quick() -> Scale {
+        Scale {
+            emits: 1_000,
+            batches: 10,
+            relay_events: 10_000,
+            sequential_publishes: 1_000,
+            e2e_seconds: 3,
+            step_seconds: 2,
+            consume_events: 10_000,
+            memory_events: 100_000,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // The relay child of the memory figure.
+    if args.get(1).map(String::as_str) == Some("--relay-child") {
+        return stages::relay_child();
+    }
+    let scale = if args.iter().any(|a| a == "--quick") {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start tokio: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(stages::run_all(scale, only)) {
+        Ok(figures) => {
+            print_table(&figures);
+            for figure in &figures {
+                println!("{}", json_line(figure));
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("benchmark failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_table(figures: &[Figure]) {
+    println!();
+    println!(
+        "{:<58} {:>14} {:>14} {:>8}  unit / ratio meaning",
+        "figure", "edupulse", "raw", "ratio"
+    );
+    println!("{}", "-".repeat(130));
+    for f in figures {
+        println!(
+            "{:<58} {:>14} {:>14} {:>8}  {} / {}",
+            f.name,
+            format_value(f.value),
+            f.baseline.map(format_value).unwrap_or_else(|| "-".into()),
+            f.ratio
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            f.unit,
+            f.ratio_meaning
+        );
+    }
+    println!();
+}
+
+fn format_value(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn json_line(f: &Figure) -> String {
+    serde_json::json!({
+        "name": f.name,
+        "value": f.value,
+        "unit": f.unit,
+        "baseline": f.baseline,
+        "ratio": f.ratio,
+        "ratio_meaning": f.ratio_meaning,
+    })
+    .to_string()
+}
+
+/// Percentile of sorted durations, in milliseconds.
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}

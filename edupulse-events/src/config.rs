@@ -410,9 +410,10 @@ impl ConfigBuilder {
             ));
         }
         let relay = &config.relay;
-        if relay.batch_size == 0 || relay.batch_size > 10_000 {
+        // async-nats allows 5,000 unacknowledged publishes per context; a batch must fit.
+        if relay.batch_size == 0 || relay.batch_size > 4_000 {
             return Err(ConfigError::OutOfRange(format!(
-                "relay batch_size {} is out of range; use 1 to 10000",
+                "relay batch_size {} is out of range; use 1 to 4000",
                 relay.batch_size
             )));
         }
@@ -424,6 +425,13 @@ impl ConfigBuilder {
         if relay.ack_timeout.is_zero() || relay.poll_interval.is_zero() {
             return Err(ConfigError::OutOfRange(
                 "relay ack_timeout and poll_interval must be more than zero".to_owned(),
+            ));
+        }
+        if config.duplicate_window.is_zero() {
+            return Err(ConfigError::OutOfRange(
+                "duplicate_window is zero; JetStream's de-duplication is what publishes each \
+                 event once: give it at least a few seconds (default 2 minutes)"
+                    .to_owned(),
             ));
         }
         if config.max_connections < 2 {
@@ -477,6 +485,10 @@ fn check_stream(stream: &str) -> Result<(), String> {
 /// Replaces the password in `scheme://user:password@host` and any `password=`/`token=`
 /// query parameter by `<redacted>`.
 pub(crate) fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        // async-nats takes a comma-separated list of servers: redact each.
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     let mut out = url.to_owned();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
@@ -488,9 +500,7 @@ pub(crate) fn redact_url(url: &str) -> String {
             let redacted = match userinfo.split_once(':') {
                 Some((user, _)) => format!("{user}:<redacted>"),
                 // A lone userinfo may be a token (nats://token@host).
-                None if url.starts_with("nats") || url.starts_with("tls") => {
-                    "<redacted>".to_owned()
-                }
+                None if !url.starts_with("postgres") => "<redacted>".to_owned(),
                 None => userinfo.to_owned(),
             };
             out.replace_range(rest_start..rest_start + at, &redacted);
@@ -527,6 +537,9 @@ pub(crate) fn redact_text(text: &str, url: &str) -> String {
 }
 
 fn url_secrets(url: &str) -> Vec<String> {
+    if url.contains(',') {
+        return url.split(',').flat_map(url_secrets).collect();
+    }
     let mut secrets = Vec::new();
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
@@ -535,7 +548,8 @@ fn url_secrets(url: &str) -> Vec<String> {
             let userinfo = &authority[..at];
             match userinfo.split_once(':') {
                 Some((_, password)) => secrets.push(password.to_owned()),
-                None => secrets.push(userinfo.to_owned()),
+                None if !url.starts_with("postgres") => secrets.push(userinfo.to_owned()),
+                None => {}
             }
         }
     }
@@ -669,6 +683,18 @@ mod tests {
             "nats://<redacted>@h:4222"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("nats://a:p1@h1:4222,nats://b:secret-two@h2:4222"),
+            "nats://a:<redacted>@h1:4222,nats://b:<redacted>@h2:4222"
+        );
+        assert_eq!(
+            redact_url("wss://tok-secret@h:443"),
+            "wss://<redacted>@h:443"
+        );
+        assert!(Config::builder("postgres://u@h/db")
+            .duplicate_window(Duration::ZERO)
+            .build()
+            .is_err());
         assert_eq!(
             redact_text(
                 "cannot connect to postgres://u:pw123@h/db as pw123",

@@ -395,6 +395,14 @@ impl EventService {
                 event: E::NAME,
                 source,
             })?;
+        if has_escaped_nul(&payload) {
+            return Err(EmitError::Encode {
+                event: E::NAME,
+                source: serde::ser::Error::custom(
+                    "a string contains a NUL character (\\u0000), which Postgres JSONB cannot store; remove it",
+                ),
+            });
+        }
         if let Some(traceparent) = &outgoing.traceparent {
             if !valid_traceparent(traceparent) {
                 return Err(EmitError::Traceparent(
@@ -454,6 +462,19 @@ impl EventService {
             max,
         }
     }
+}
+
+/// Whether compact JSON holds an escaped NUL (`\u0000` not itself escaped).
+fn has_escaped_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    json.match_indices("\\u0000").any(|(at, _)| {
+        let backslashes = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|b| **b == b'\\')
+            .count();
+        backslashes % 2 == 0
+    })
 }
 
 fn version_i32<E: DomainEvent>() -> i32 {
@@ -584,5 +605,20 @@ impl EventService {
         sqlx::query(NOTIFY).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(result.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_escaped_nul;
+
+    #[test]
+    fn escaped_nul_is_found_and_escaped_backslashes_are_not() {
+        assert!(has_escaped_nul(&serde_json::to_string("a\u{0}b").unwrap()));
+        assert!(!has_escaped_nul(
+            &serde_json::to_string("a\\u0000b").unwrap()
+        ));
+        assert!(has_escaped_nul(&serde_json::to_string("\\\u{0}").unwrap()));
+        assert!(!has_escaped_nul(r#"{"a":"plain"}"#));
     }
 }

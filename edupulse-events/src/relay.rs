@@ -41,7 +41,7 @@ WHERE locktype = 'relation'
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND relation = 'edupulse.outbox'::regclass
   AND mode = 'RowExclusiveLock'
-  AND pid <> pg_backend_pid()";
+  AND pid IS DISTINCT FROM pg_backend_pid()";
 
 const STILL_HOLDING: &str = "\
 SELECT count(*)
@@ -49,7 +49,7 @@ FROM pg_locks
 WHERE locktype = 'relation'
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND relation = 'edupulse.outbox'::regclass
-  AND virtualtransaction = ANY($1)";
+  AND (virtualtransaction = ANY($1) OR pid IS NULL)";
 
 const READ_BATCH: &str = "\
 SELECT seq, id, name, version, subject, payload::text AS payload, source, correlation_id,
@@ -121,8 +121,9 @@ impl RelayHandle {
 }
 
 impl EventService {
-    /// Starts a relay on the current tokio runtime. Run one per replica: one leads,
+    /// Starts a relay on the current tokio runtime. Dropping the handle stops it. Run one per replica: one leads,
     /// the others stand by.
+    #[must_use = "dropping the handle stops the relay"]
     pub fn start_relay(&self) -> RelayHandle {
         let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(RelayState::default());
@@ -253,7 +254,12 @@ async fn lead(
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(settings.poll_interval) => {}
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    // A dropped handle stops the relay, as a shutdown does.
+                    if changed.is_err() {
+                        return Ok(Led::Stopped);
+                    }
+                }
             }
             continue;
         }

@@ -435,7 +435,15 @@ async fn migrating_is_idempotent_concurrent_and_apart_from_the_apps_migrations()
     .fetch_all(a.pool())
     .await
     .unwrap();
-    assert_eq!(tables, ["edupulse._migrations", "edupulse.outbox"]);
+    assert_eq!(
+        tables,
+        [
+            "edupulse._migrations",
+            "edupulse.dead_letters",
+            "edupulse.inbox",
+            "edupulse.outbox"
+        ]
+    );
 }
 
 #[tokio::test]
