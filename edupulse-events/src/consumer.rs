@@ -33,6 +33,7 @@
 
 use crate::message::headers;
 use crate::outbox::is_undefined_table;
+use crate::relay::sleep_or_stop;
 use crate::service::{EventService, Inner};
 use crate::DomainEvent;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
@@ -788,16 +789,6 @@ fn lane_of(subject: &str, lanes: usize) -> usize {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     subject.hash(&mut hasher);
     (hasher.finish() % lanes as u64) as usize
-}
-
-async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
-    if *stop.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(duration) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
 }
 
 /// Hands a message back for immediate redelivery (to this group's other instances).

@@ -133,7 +133,7 @@ impl EventService {
 }
 
 /// Sleeps for `duration` unless told to stop first; returns whether to stop.
-async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+pub(crate) async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
     if *stop.borrow() {
         return true;
     }
