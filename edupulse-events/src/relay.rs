@@ -439,15 +439,21 @@ enum Failure {
     Permanent(String),
     /// Retrying may: the event waits and is published again.
     Transient(String),
+    /// JetStream refused the event because the event sent before it in the batch is not
+    /// the stream's last message (it was lost with a dying connection, or refused). The
+    /// event is sent again, at once, as the first of the next batch.
+    OutOfChain(String),
 }
 
 fn classify(error: &PublishError) -> Failure {
     use std::error::Error as _;
     let message = error.to_string();
     match error.kind() {
-        PublishErrorKind::MaxPayloadExceeded
-        | PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence => Failure::Permanent(message),
+        // Only the relay's own chain sets an expected last message id.
+        PublishErrorKind::WrongLastMessageId => Failure::OutOfChain(message),
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastSequence => {
+            Failure::Permanent(message)
+        }
         PublishErrorKind::Other => {
             let api = error
                 .source()
@@ -463,19 +469,34 @@ fn classify(error: &PublishError) -> Failure {
     }
 }
 
+/// The header that makes JetStream store a message only right after the given one.
+const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
+
 /// Publishes a batch, many acks in flight; one result per row, in order, for the rows
 /// up to the first that could not even be sent.
+///
+/// Each message after the first names its predecessor in the batch as the stream's
+/// expected last message. Pipelining alone cannot keep order when the connection dies
+/// in the middle of a batch: the messages already written to the dead socket are lost,
+/// while the client sends the ones it still had queued on the next connection. With the
+/// chain, JetStream refuses those (`OutOfChain`), and they follow the lost ones when
+/// they are retried. JetStream checks `Nats-Msg-Id` first, so an event that is already
+/// in the stream is acked as a duplicate whatever its predecessor.
 async fn publish(inner: &Inner, batch: &[OutboxRow]) -> Vec<Result<(), Failure>> {
     let prefix = &inner.config.subject_prefix;
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
+    let mut previous: Option<String> = None;
     for row in batch {
-        let headers = match row.envelope().header_map() {
+        let mut headers = match row.envelope().header_map() {
             Ok(headers) => headers,
             Err(why) => {
                 sent.push(Err(Failure::Permanent(why)));
                 continue;
             }
         };
+        if let Some(previous) = &previous {
+            headers.insert(EXPECTED_LAST_MSG_ID, previous.as_str());
+        }
         let subject = format!("{prefix}.{}", row.subject);
         let payload = Bytes::from(row.payload.clone().into_bytes());
         match inner
@@ -483,7 +504,10 @@ async fn publish(inner: &Inner, batch: &[OutboxRow]) -> Vec<Result<(), Failure>>
             .publish_with_headers(subject, headers, payload)
             .await
         {
-            Ok(ack) => sent.push(Ok(ack)),
+            Ok(ack) => {
+                previous = Some(row.id.to_string());
+                sent.push(Ok(ack));
+            }
             Err(error) => {
                 let failure = classify(&error);
                 let transient = matches!(failure, Failure::Transient(_));
@@ -521,12 +545,17 @@ async fn mark(
     let mut published = Vec::new();
     let mut dead = Vec::new();
     let mut retry = None;
+    let mut out_of_chain = None;
     for (row, result) in batch.iter().zip(outcome) {
         match result {
             Ok(()) => published.push(row.seq),
             Err(Failure::Permanent(why)) => dead.push((row, why)),
             Err(Failure::Transient(why)) => {
                 retry = Some((row, why));
+                break;
+            }
+            Err(Failure::OutOfChain(why)) => {
+                out_of_chain = Some((row, why));
                 break;
             }
         }
@@ -590,6 +619,15 @@ async fn mark(
         .execute(&mut *conn)
         .await?;
         retry_in = Some(delay);
+    }
+    if let Some((row, why)) = out_of_chain {
+        // Its predecessor failed (and is dead, or was itself refused after a lost
+        // connection), or something else wrote to the stream in between. Sent first in
+        // the next batch, it needs no predecessor; nothing to count or wait for.
+        tracing::debug!(
+            id = %row.id, event = %row.name, seq = row.seq, error = %why,
+            "the event before this one did not reach the stream first; sending it again"
+        );
     }
     Ok(Marked {
         published: published.len() as u64,

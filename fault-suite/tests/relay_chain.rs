@@ -1,0 +1,107 @@
+//! The relay's publish chain, shown with a connection cut in the middle of a batch.
+//!
+//! The relay pipelines a whole batch on one NATS connection. When that connection dies
+//! in the middle, the bytes already in the sockets are lost, while the client sends what
+//! it still had to send on the next connection. Without the chain
+//! (`Nats-Expected-Last-Msg-Id` = the previous event of the batch), JetStream stores
+//! those later events ahead of the lost ones, which come only when retried. Here the
+//! proxy stalls the relay's connection to NATS (the socket buffers fill up and the
+//! relay's later publishes queue in the client), then resets it: the stream must still
+//! hold every event once, in sequence order.
+
+use edupulse_events::{DomainEvent, RelaySettings};
+use edupulse_events_tests::{shared_nats_url, wait_for, TestEnv};
+use edupulse_fault_suite::proxy::{Direction, FaultProxy};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "chain.bulky", subject = "chain.{lane}")]
+struct Bulky {
+    lane: u32,
+    counter: u32,
+    /// Large enough that a batch is far more than the sockets' buffers hold.
+    filler: String,
+}
+
+const EVENTS: u32 = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
+    let upstream: SocketAddr = shared_nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port");
+    let proxy = FaultProxy::start(upstream).await;
+    let env = TestEnv::with_nats(format!("nats://{}", proxy.addr())).await;
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            batch_size: 4_000,
+            ack_timeout: Duration::from_secs(1),
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+
+    // One transaction, so that the relay takes all of it as one batch: 2,000 events of
+    // 16 KiB, 32 MiB in all.
+    let filler = "x".repeat(16 * 1024);
+    let events: Vec<Bulky> = (0..EVENTS)
+        .map(|counter| Bulky {
+            lane: counter % 4,
+            counter,
+            filler: filler.clone(),
+        })
+        .collect();
+    let ids = service.emit_all(events).await.expect("emit the batch");
+
+    // Stall the relay's way to NATS before it starts: its first publishes fill the
+    // proxy and the kernel's buffers, the rest wait in the client.
+    proxy.stall(Direction::ToServer);
+    let relay = service.start_relay();
+    wait_for(
+        Duration::from_secs(30),
+        "the relay to take the lead",
+        || async { relay.is_leader() },
+    )
+    .await;
+    // Fault timing, not a condition: give the relay time to write into the stalled
+    // connection, then cut it. What was in the buffers is lost; the rest goes out on
+    // the next connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.reset_all();
+    proxy.release();
+
+    wait_for(
+        Duration::from_secs(120),
+        "the whole batch to be published",
+        || async { service.outbox_status().await.expect("status").pending == 0 },
+    )
+    .await;
+    relay.shutdown().await.expect("relay shutdown");
+
+    // The cut hit the batch: some events were published only on a later attempt.
+    let retried: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM edupulse.outbox WHERE status = 'published' AND attempts > 1",
+    )
+    .fetch_one(service.pool())
+    .await
+    .expect("count retried events");
+    assert!(
+        retried > 0,
+        "the reset should have cut the batch (no event needed a second attempt)"
+    );
+
+    let js = env.jetstream().await;
+    let got = env.stream_ids(&js).await;
+    let unique: HashSet<&Uuid> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "duplicates in the stream");
+    assert_eq!(got.len(), ids.len(), "stream length");
+    let first_out_of_order = got.iter().zip(&ids).position(|(got, want)| got != want);
+    assert_eq!(
+        first_out_of_order, None,
+        "the stream is out of sequence order ({retried} events retried)"
+    );
+}
