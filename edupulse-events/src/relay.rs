@@ -34,6 +34,13 @@ use uuid::Uuid;
 /// The advisory lock key the leader holds: "edupulse" in ASCII.
 const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
 
+/// Server-side keepalives and a user timeout for the relay's own connections.
+const KEEPALIVES: &str = "\
+SET tcp_keepalives_idle = 10;
+SET tcp_keepalives_interval = 5;
+SET tcp_keepalives_count = 3;
+SET tcp_user_timeout = 25000;";
+
 const HOLDERS: &str = "\
 SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
 FROM pg_locks
@@ -53,7 +60,8 @@ WHERE locktype = 'relation'
 
 const READ_BATCH: &str = "\
 SELECT seq, id, name, version, subject, payload::text AS payload, source, correlation_id,
-       causation_id, traceparent, occurred_at, attempts, next_attempt_at
+       causation_id, traceparent, occurred_at, attempts,
+       greatest(0, extract(epoch FROM next_attempt_at - clock_timestamp()))::float8 AS wait_secs
 FROM edupulse.outbox
 WHERE status = 'pending' AND seq <= $1
 ORDER BY seq
@@ -71,6 +79,7 @@ pub struct RelayHandle {
 struct RelayState {
     leader: AtomicBool,
     published: AtomicU64,
+    sent: AtomicU64,
     crash_before_mark: AtomicBool,
 }
 
@@ -92,6 +101,13 @@ impl RelayHandle {
     /// How many events this relay has published and marked.
     pub fn published(&self) -> u64 {
         self.state.published.load(Ordering::SeqCst)
+    }
+
+    /// How many messages this relay has sent to JetStream, retries included. In a run
+    /// without failures it equals [`published`](Self::published): nothing is sent
+    /// twice and left to JetStream's duplicate removal.
+    pub fn sent(&self) -> u64 {
+        self.state.sent.load(Ordering::SeqCst)
     }
 
     /// Test hook: at its next batch the relay publishes, then drops its leader
@@ -153,7 +169,16 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
         let mut conn = match standby.take() {
             Some(conn) => conn,
             None => match PgConnection::connect_with(&inner.pg_options).await {
-                Ok(conn) => conn,
+                Ok(mut conn) => {
+                    // The leader's lock lives as long as its session. A relay whose
+                    // host vanishes sends no FIN: these let the server notice within
+                    // about 25 s (not the kernel's two hours) and free the lock for a
+                    // standby. Ignored on a Unix socket.
+                    if let Err(error) = sqlx::raw_sql(KEEPALIVES).execute(&mut conn).await {
+                        tracing::warn!(%error, "relay could not set TCP keepalives");
+                    }
+                    conn
+                }
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot reach Postgres; retrying");
                     if sleep_or_stop(&mut stop, settings.standby_interval).await {
@@ -189,6 +214,17 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
                         tracing::warn!("relay simulated a crash before marking");
                         break;
                     }
+                    Err(error) if not_migrated(&error) => {
+                        tracing::error!(
+                            %error,
+                            "the outbox tables are missing: call EventService::migrate() \
+                             (or apply the migrations) before the relay can publish"
+                        );
+                        let _ = conn.close().await;
+                        if sleep_or_stop(&mut stop, settings.retry_max).await {
+                            break;
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "relay lost its leader connection; standing by");
                         drop(conn);
@@ -215,6 +251,14 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
     if let Some(conn) = standby {
         let _ = conn.close().await;
     }
+}
+
+/// Whether `error` says the outbox's schema or tables do not exist.
+fn not_migrated(error: &sqlx::Error) -> bool {
+    matches!(
+        error.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42P01" | "3F000")
+    )
 }
 
 enum Led {
@@ -263,11 +307,11 @@ async fn lead(
             }
             continue;
         }
-        let now = OffsetDateTime::now_utc();
-        if batch[0].next_attempt_at > now {
-            let wait = (batch[0].next_attempt_at - now)
-                .try_into()
-                .unwrap_or(settings.retry_base);
+        // Measured on the database's clock, which also set the retry time.
+        if batch[0].wait_secs > 0.0 {
+            let wait = Duration::try_from_secs_f64(batch[0].wait_secs)
+                .unwrap_or(settings.retry_max)
+                .min(settings.retry_max);
             if sleep_or_stop(stop, wait).await {
                 return Ok(Led::Stopped);
             }
@@ -279,7 +323,9 @@ async fn lead(
             first_seq = batch[0].seq,
             last_seq = batch[batch.len() - 1].seq
         );
-        let outcome = publish(inner, &batch).instrument(span.clone()).await;
+        let outcome = publish(inner, &batch, &state.sent)
+            .instrument(span.clone())
+            .await;
         if state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Led::Crashed);
         }
@@ -344,7 +390,8 @@ struct OutboxRow {
     traceparent: Option<String>,
     occurred_at: OffsetDateTime,
     attempts: i32,
-    next_attempt_at: OffsetDateTime,
+    /// Seconds until the event may be retried (zero: now), by the database's clock.
+    wait_secs: f64,
 }
 
 impl OutboxRow {
@@ -426,7 +473,7 @@ async fn fetch_batch(
                 traceparent: row.try_get("traceparent")?,
                 occurred_at: row.try_get("occurred_at")?,
                 attempts: row.try_get("attempts")?,
-                next_attempt_at: row.try_get("next_attempt_at")?,
+                wait_secs: row.try_get("wait_secs")?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -482,7 +529,11 @@ const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// chain, JetStream refuses those (`OutOfChain`), and they follow the lost ones when
 /// they are retried. JetStream checks `Nats-Msg-Id` first, so an event that is already
 /// in the stream is acked as a duplicate whatever its predecessor.
-async fn publish(inner: &Inner, batch: &[OutboxRow]) -> Vec<Result<(), Failure>> {
+async fn publish(
+    inner: &Inner,
+    batch: &[OutboxRow],
+    sent_count: &AtomicU64,
+) -> Vec<Result<(), Failure>> {
     let prefix = &inner.config.subject_prefix;
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
     let mut previous: Option<String> = None;
@@ -505,6 +556,7 @@ async fn publish(inner: &Inner, batch: &[OutboxRow]) -> Vec<Result<(), Failure>>
             .await
         {
             Ok(ack) => {
+                sent_count.fetch_add(1, Ordering::Relaxed);
                 previous = Some(row.id.to_string());
                 sent.push(Ok(ack));
             }
@@ -610,7 +662,7 @@ async fn mark(
         sqlx::query(
             "UPDATE edupulse.outbox
              SET attempts = attempts + 1, last_error = $2,
-                 next_attempt_at = now() + $3 * interval '1 microsecond'
+                 next_attempt_at = clock_timestamp() + $3 * interval '1 microsecond'
              WHERE seq = $1",
         )
         .bind(row.seq)

@@ -8,7 +8,8 @@
 //!   and per-subject order violations.
 //! - [`proxy`]: a TCP fault proxy (latency, stalled connections, resets, refused
 //!   connections) placed between the framework and Postgres or NATS.
-//! - [`nats`]: a private `nats-server` that a scenario may kill, pause and restart.
+//! - A private `nats-server` that a scenario may kill, pause and restart is
+//!   `edupulse_events_tests::NatsServer`.
 //! - [`child`]: the relay and consumer child processes (`src/bin/`), killed with SIGKILL.
 //! - [`workload`]: the schema, the writers and the effect-recording consumer.
 //!
@@ -18,7 +19,6 @@
 
 pub mod checker;
 pub mod child;
-pub mod nats;
 pub mod proxy;
 pub mod workload;
 

@@ -11,10 +11,9 @@
 //! replays a run's fault schedule. The crate's README lists what each scenario shows.
 
 use edupulse_events::{EventService, RelaySettings};
-use edupulse_events_tests::TestEnv;
+use edupulse_events_tests::{NatsServer, TestEnv};
 use edupulse_fault_suite::checker::{check, observe, History, Outcome, Report};
 use edupulse_fault_suite::child::{log_dir, ChildProcess};
-use edupulse_fault_suite::nats::NatsProcess;
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
 use edupulse_fault_suite::workload::{
     child_env, config_via, create_tables, database_url_via, direct_pool, effects_consumer,
@@ -246,13 +245,6 @@ async fn s1_relay_process_killed_at_random_points() {
     );
 }
 
-/// Order anomalies: tolerated where a known library bug breaks order (see the README).
-const ORDER_ANOMALIES: [&str; 3] = [
-    "stream order violations",
-    "sequence order violations",
-    "handled order violations",
-];
-
 /// 2. nats-server is killed (SIGKILL) and restarted while the relay publishes (at
 ///    random, and in the middle of large batches), then paused (SIGSTOP) for longer
 ///    than the publish ack timeout and resumed: nothing is lost, published twice or
@@ -269,7 +261,7 @@ async fn s2_nats_server_killed_restarted_and_paused() {
 async fn nats_killed_and_paused(name: &'static str, bursts: u64) -> Report {
     let _serial = SERIAL.lock().await;
     let mut run = Run::begin(name);
-    let mut nats = NatsProcess::start().await;
+    let mut nats = NatsServer::start().await;
     let env = TestEnv::with_nats(nats.url()).await;
     let service = env.service_with(suite_config(&env)).await;
     let check_pool = direct_pool(&env).await;
@@ -1101,7 +1093,7 @@ fn median_of(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
 async fn s8_soak_with_retention_pruning() {
     let _serial = SERIAL.lock().await;
     let mut run = Run::begin("s8-soak");
-    let nats = NatsProcess::start().await;
+    let nats = NatsServer::start().await;
     let env = TestEnv::with_nats(nats.url()).await;
     let retention = Duration::from_millis(500);
     let service = env

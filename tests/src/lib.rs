@@ -238,26 +238,73 @@ pub fn free_port() -> u16 {
 }
 
 /// A private nats-server with JetStream, on a free port, that a test may kill, pause
-/// and restart (with the same store, so the stream survives).
+/// (SIGSTOP), resume (SIGCONT) and restart (with the same store, so the stream
+/// survives). Killed and its store removed when dropped. The machine's shared server is
+/// never touched.
+#[derive(Debug)]
 pub struct NatsServer {
     /// The server's port.
     pub port: u16,
+    /// The server's name, which its INFO line carries: how `spawn` knows the process
+    /// answering on the port is this one.
+    name: String,
     store: PathBuf,
     child: Option<Child>,
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else `/usr/sbin/nats-server`, else the
+/// one on the `PATH`.
+pub fn nats_server_binary() -> String {
+    if let Ok(binary) = std::env::var("NATS_SERVER_BIN") {
+        return binary;
+    }
+    if std::path::Path::new("/usr/sbin/nats-server").is_file() {
+        return "/usr/sbin/nats-server".to_owned();
+    }
+    "nats-server".to_owned()
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to process `pid` with kill(1).
+///
+/// # Panics
+/// If kill(1) cannot be run or fails (tests only).
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill(1)");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// How a spawned nats-server came up.
+enum Spawned {
+    Serving,
+    /// It exited: the port was taken meanwhile (tests binding ports race).
+    Exited,
 }
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> NatsServer {
-        let store = std::env::temp_dir().join(format!("edupulse-nats-{}", unique()));
+        let id = unique();
+        let store = std::env::temp_dir().join(format!("edupulse-nats-{id}"));
         std::fs::create_dir_all(&store).expect("create nats store dir");
         let mut server = NatsServer {
-            port: free_port(),
+            port: 0,
+            name: format!("edupulse-test-{id}"),
             store,
             child: None,
         };
-        server.spawn().await;
-        server
+        // `free_port` cannot reserve the port: another test may take it before the
+        // server binds it. Then the server exits, and a new port is tried.
+        for _ in 0..5 {
+            server.port = free_port();
+            if let Spawned::Serving = server.spawn().await {
+                return server;
+            }
+        }
+        panic!("nats-server did not start on any of 5 free ports");
     }
 
     /// The URL to connect to.
@@ -265,38 +312,70 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    async fn spawn(&mut self) {
-        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-        let binary = if which(&binary) {
-            binary
-        } else {
-            "/usr/sbin/nats-server".to_owned()
-        };
-        let child = Command::new(binary)
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    async fn spawn(&mut self) -> Spawned {
+        let child = Command::new(nats_server_binary())
             .args([
                 "-a",
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-n",
+                &self.name,
                 "-js",
                 "-sd",
             ])
             .arg(&self.store)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server (is it installed?)");
         self.child = Some(child);
-        let port = self.port;
-        wait_for(
-            Duration::from_secs(20),
-            "nats-server to accept connections",
-            || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return Spawned::Exited;
+                }
+            }
+            if self.answers_as_itself() {
+                return Spawned::Serving;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server {} did not accept connections on port {} within 20 s",
+                self.name,
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
-    /// Kills the server with SIGKILL.
+    /// Whether the process answering on the port is this server (its INFO names it).
+    fn answers_as_itself(&self) -> bool {
+        use std::io::Read;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut info = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !info.ends_with(b"\r\n") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => info.extend_from_slice(&buffer[..n]),
+            }
+        }
+        String::from_utf8_lossy(&info).contains(&format!("\"server_name\":\"{}\"", self.name))
+    }
+
+    /// Kills the server with SIGKILL (a paused one too) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -304,20 +383,42 @@ impl NatsServer {
         }
     }
 
-    /// Starts the server again on the same port and store.
+    /// Pauses the server with SIGSTOP: connections stay open, nothing is answered.
+    pub fn pause(&mut self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+        }
+    }
+
+    /// Resumes a paused server with SIGCONT.
+    pub fn resume(&mut self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+        }
+    }
+
+    /// Starts the server again on the same port and store (killing it first if it
+    /// runs). Clients reconnect to the same port, so it is not changed; if it has been
+    /// taken meanwhile, this panics.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        for _ in 0..5 {
+            if let Spawned::Serving = self.spawn().await {
+                return;
+            }
+            // The old process's socket may linger for a moment; try again.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "nats-server could not be restarted on port {} (taken meanwhile?)",
+            self.port
+        );
     }
-}
-
-fn which(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too.
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
     }

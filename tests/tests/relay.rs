@@ -107,6 +107,7 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
         doomed.is_finished()
     })
     .await;
+    let doomed_sent = doomed.sent();
     doomed.shutdown().await.unwrap();
     // Published but not marked.
     assert_eq!(env.stream_len(&js).await, 50);
@@ -118,6 +119,8 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
     })
     .await;
     assert_eq!(next.published(), 50);
+    // Both relays sent every event: the stream's duplicate removal kept one copy.
+    assert_eq!(doomed_sent + next.sent(), 100);
     assert_stream_is(&env, &js, &ids).await;
     next.shutdown().await.unwrap();
 }
@@ -166,6 +169,9 @@ async fn three_relays_and_eight_writers_publish_each_event_once_in_sequence_orde
     assert_eq!(leaders, 1, "exactly one relay leads");
     let published: u64 = relays.iter().map(|r| r.published()).sum();
     assert_eq!(published, expected.len() as u64);
+    // Nothing was sent twice and left to JetStream's duplicate removal.
+    let sent: u64 = relays.iter().map(|r| r.sent()).sum();
+    assert_eq!(sent, expected.len() as u64, "messages sent to JetStream");
     assert_stream_is(&env, &js, &expected).await;
     for relay in relays {
         relay.shutdown().await.unwrap();
@@ -275,5 +281,66 @@ async fn killing_the_listen_connection_still_delivers_within_the_poll_interval()
         started.elapsed()
     );
     assert_stream_is(&env, &js, &[first, second]).await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_notifications_the_poll_interval_delivers() {
+    // Proves the polling path on its own: the LISTEN test above can also pass through
+    // the listener's own reconnect.
+    let env = TestEnv::new().await;
+    let poll = Duration::from_millis(1500);
+    let service = env
+        .service_with(env.config().notify(false).relay(RelaySettings {
+            poll_interval: poll,
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+    wait_for(WAIT, "the relay to lead", || async { relay.is_leader() }).await;
+    let mut ids = Vec::new();
+    for counter in 0..3 {
+        let started = tokio::time::Instant::now();
+        ids.push(service.emit(quiz(4, counter)).await.unwrap());
+        wait_for(WAIT, "the event, with no notification", || async {
+            pending(&service).await == 0
+        })
+        .await;
+        assert!(
+            started.elapsed() < poll + Duration::from_secs(2),
+            "delivered within the poll interval (plus slack): {:?}",
+            started.elapsed()
+        );
+    }
+    assert_stream_is(&env, &js, &ids).await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_started_before_the_migrations_publishes_once_they_are_applied() {
+    let env = TestEnv::new().await;
+    let service = EventService::connect(env.config().build().unwrap())
+        .await
+        .unwrap();
+    let relay = service.start_relay();
+    // It takes the lead, finds no outbox, and waits.
+    wait_for(WAIT, "the relay to try to lead", || async {
+        leader_pid(&service).await.is_some() || relay.is_leader()
+    })
+    .await;
+    assert!(
+        !relay.is_finished(),
+        "a missing outbox does not end the relay"
+    );
+
+    service.migrate().await.unwrap();
+    let js = env.jetstream().await;
+    let id = service.emit(quiz(5, 0)).await.unwrap();
+    wait_for(WAIT, "the event, once the outbox exists", || async {
+        pending(&service).await == 0
+    })
+    .await;
+    assert_stream_is(&env, &js, &[id]).await;
     relay.shutdown().await.unwrap();
 }
