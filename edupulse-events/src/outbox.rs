@@ -4,7 +4,7 @@ use crate::event::SubjectError;
 use crate::message::{valid_traceparent, Outbound};
 use crate::service::EventService;
 use crate::DomainEvent;
-use sqlx::{PgConnection, Row};
+use sqlx::{Connection, PgConnection, Row};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -296,7 +296,7 @@ impl EventService {
                 .await?;
             match row {
                 Some(_) => Ok(prepared.id),
-                None => Err(self.too_large::<E>(&prepared)),
+                None => Err(self.too_large::<E>(conn, &[&prepared]).await),
             }
         }
         .instrument(span)
@@ -321,10 +321,13 @@ impl EventService {
     }
 
     /// Emits a batch of events of one type inside the caller's transaction, with one
-    /// statement per 5,000 events; returns their ids in order.
+    /// statement per 5,000 events; returns their ids in order. All or none are
+    /// written: a batch of several statements runs under a savepoint (or, on a
+    /// connection outside a transaction, in a transaction of its own).
     ///
     /// # Errors
-    /// [`EmitError`] for the first event that cannot be emitted; nothing is written.
+    /// [`EmitError`] for the first event that cannot be emitted; nothing is written,
+    /// and the caller's transaction stays usable unless Postgres itself failed.
     pub async fn emit_all_in<E, I>(
         &self,
         conn: &mut PgConnection,
@@ -342,50 +345,91 @@ impl EventService {
         let span =
             tracing::debug_span!("edupulse.emit_all", event = E::NAME, count = prepared.len());
         async {
-            let mut ids = Vec::with_capacity(prepared.len());
-            for chunk in prepared.chunks(BATCH_CHUNK) {
-                let sql = if self.inner.config.notify {
-                    INSERT_MANY_NOTIFY
-                } else {
-                    INSERT_MANY
-                };
-                let inserted = sqlx::query(sql)
-                    .bind(chunk.iter().map(|p| p.id).collect::<Vec<_>>())
-                    .bind(chunk.iter().map(|p| p.subject.as_str()).collect::<Vec<_>>())
-                    .bind(chunk.iter().map(|p| p.payload.as_str()).collect::<Vec<_>>())
-                    .bind(chunk.iter().map(|p| p.correlation_id).collect::<Vec<_>>())
-                    .bind(chunk.iter().map(|p| p.causation_id).collect::<Vec<_>>())
-                    .bind(
-                        chunk
-                            .iter()
-                            .map(|p| p.traceparent.as_deref())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>())
-                    .bind(chunk.iter().map(|p| p.body_limit).collect::<Vec<_>>())
-                    .bind(E::NAME)
-                    .bind(version_i32::<E>())
-                    .bind(&self.inner.config.source)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                if inserted.len() != chunk.len() {
-                    // Only the size check can drop rows; the statement then writes none.
-                    let largest = chunk
-                        .iter()
-                        .max_by_key(|p| p.payload.len())
-                        .map(|p| self.too_large::<E>(p));
-                    return Err(largest.unwrap_or(EmitError::TooLarge {
-                        event: E::NAME,
-                        size: 0,
-                        max: self.inner.max_message,
-                    }));
-                }
-                ids.extend(chunk.iter().map(|p| p.id));
+            if prepared.len() <= BATCH_CHUNK {
+                return self.insert_chunk::<E>(conn, &prepared).await;
             }
-            Ok(ids)
+            // Several statements: all or none. Inside a transaction a savepoint undoes
+            // the written chunks when a later one fails (and leaves the caller's
+            // transaction usable); on a connection outside one, a transaction does.
+            match sqlx::raw_sql("SAVEPOINT edupulse_emit_all")
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => {
+                    let written = self.insert_chunks::<E>(conn, &prepared).await;
+                    let end = if written.is_ok() {
+                        "RELEASE SAVEPOINT edupulse_emit_all"
+                    } else {
+                        "ROLLBACK TO SAVEPOINT edupulse_emit_all; \
+                         RELEASE SAVEPOINT edupulse_emit_all"
+                    };
+                    let ended = sqlx::raw_sql(end).execute(&mut *conn).await;
+                    let ids = written?;
+                    ended?;
+                    Ok(ids)
+                }
+                Err(error) if no_transaction(&error) => {
+                    let mut tx = conn.begin().await?;
+                    let ids = self.insert_chunks::<E>(&mut tx, &prepared).await?;
+                    tx.commit().await?;
+                    Ok(ids)
+                }
+                Err(error) => Err(error.into()),
+            }
         }
         .instrument(span)
         .await
+    }
+
+    async fn insert_chunks<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        prepared: &[Prepared],
+    ) -> Result<Vec<Uuid>, EmitError> {
+        let mut ids = Vec::with_capacity(prepared.len());
+        for chunk in prepared.chunks(BATCH_CHUNK) {
+            ids.extend(self.insert_chunk::<E>(conn, chunk).await?);
+        }
+        Ok(ids)
+    }
+
+    /// Writes up to `BATCH_CHUNK` events in one statement: all, or none if one is too
+    /// large.
+    async fn insert_chunk<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        chunk: &[Prepared],
+    ) -> Result<Vec<Uuid>, EmitError> {
+        let sql = if self.inner.config.notify {
+            INSERT_MANY_NOTIFY
+        } else {
+            INSERT_MANY
+        };
+        let inserted = sqlx::query(sql)
+            .bind(chunk.iter().map(|p| p.id).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.subject.as_str()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.payload.as_str()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.correlation_id).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.causation_id).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|p| p.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.body_limit).collect::<Vec<_>>())
+            .bind(E::NAME)
+            .bind(version_i32::<E>())
+            .bind(&self.inner.config.source)
+            .fetch_all(&mut *conn)
+            .await?;
+        if inserted.len() != chunk.len() {
+            // Only the size check can drop rows; the statement then writes none.
+            let chunk: Vec<&Prepared> = chunk.iter().collect();
+            return Err(self.too_large::<E>(conn, &chunk).await);
+        }
+        Ok(chunk.iter().map(|p| p.id).collect())
     }
 
     fn prepare<E: DomainEvent>(&self, outgoing: Outgoing<E>) -> Result<Prepared, EmitError> {
@@ -452,16 +496,61 @@ impl EventService {
         })
     }
 
-    fn too_large<E: DomainEvent>(&self, prepared: &Prepared) -> EmitError {
+    /// The error for the first of `candidates` whose JSON body, as Postgres prints
+    /// JSONB, does not fit beside its headers (the insert's size check refused it).
+    async fn too_large<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        candidates: &[&Prepared],
+    ) -> EmitError {
         let max = self.inner.max_message;
-        let headers = max.saturating_sub(usize::try_from(prepared.body_limit).unwrap_or(0));
+        let sizes: Result<Vec<i64>, sqlx::Error> = sqlx::query_scalar(JSONB_SIZES)
+            .bind(
+                candidates
+                    .iter()
+                    .map(|p| p.payload.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await;
+        let headers = |p: &Prepared| max.saturating_sub(usize::try_from(p.body_limit).unwrap_or(0));
+        let found = sizes.ok().and_then(|sizes| {
+            candidates
+                .iter()
+                .zip(sizes)
+                .find(|(p, size)| *size > p.body_limit)
+                .map(|(p, size)| headers(p) + usize::try_from(size).unwrap_or(usize::MAX))
+        });
+        let size = found.unwrap_or_else(|| {
+            // Could not ask: the largest compact body, plus at least the one byte
+            // Postgres' printing adds (spaces after `:` and `,`).
+            candidates
+                .iter()
+                .map(|p| headers(p) + p.payload.len())
+                .max()
+                .unwrap_or(0)
+                .max(max + 1)
+        });
         EmitError::TooLarge {
             event: E::NAME,
-            // Postgres prints JSONB with spaces after `:` and `,`: at least one more byte.
-            size: (headers + prepared.payload.len()).max(max + 1),
+            size,
             max,
         }
     }
+}
+
+/// The printed size of each JSON text as JSONB, in order.
+const JSONB_SIZES: &str = "\
+SELECT octet_length(CAST(u.p AS jsonb)::text)::int8
+FROM unnest($1::text[]) WITH ORDINALITY AS u(p, ord)
+ORDER BY u.ord";
+
+/// Whether `error` says the connection is not in a transaction block.
+fn no_transaction(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "25P01")
 }
 
 /// Whether compact JSON holds an escaped NUL (`\u0000` not itself escaped).

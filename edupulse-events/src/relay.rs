@@ -214,7 +214,7 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
                         tracing::warn!("relay simulated a crash before marking");
                         break;
                     }
-                    Err(error) if not_migrated(&error) => {
+                    Err(error) if crate::outbox::is_undefined_table(&error) => {
                         tracing::error!(
                             %error,
                             "the outbox tables are missing: call EventService::migrate() \
@@ -251,14 +251,6 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
     if let Some(conn) = standby {
         let _ = conn.close().await;
     }
-}
-
-/// Whether `error` says the outbox's schema or tables do not exist.
-fn not_migrated(error: &sqlx::Error) -> bool {
-    matches!(
-        error.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("42P01" | "3F000")
-    )
 }
 
 enum Led {

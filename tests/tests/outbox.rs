@@ -511,8 +511,12 @@ async fn a_rejected_event_goes_dead_without_blocking_the_rest_and_can_be_requeue
     );
     wait_stream_len(&env, &js, 3).await;
     assert_eq!(env.stream_ids(&js).await, vec![before, after, poison]);
-    let status = service.outbox_status().await.unwrap();
-    assert_eq!((status.pending, status.dead), (0, 0));
+    // Marked after the ack: wait for it.
+    wait_for(WAIT, "nothing pending or dead", || async {
+        let status = service.outbox_status().await.unwrap();
+        (status.pending, status.dead) == (0, 0)
+    })
+    .await;
     relay.shutdown().await.unwrap();
 }
 
@@ -585,4 +589,95 @@ async fn published_rows_are_pruned_after_retention() {
     .await;
     assert_eq!(env.stream_len(&js).await, 90);
     relay.shutdown().await.unwrap();
+}
+
+/// An event whose compact JSON fits but whose JSONB, as Postgres prints it (a space
+/// after each `,`), does not: only the insert's own size check can refuse it.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "lesson.tagged")]
+pub struct LessonTagged {
+    pub lesson_id: i64,
+    pub tags: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_batch_over_several_statements_is_written_all_or_nothing() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let max = service.max_message_size();
+    let small = |lesson_id| LessonTagged {
+        lesson_id,
+        tags: Vec::new(),
+    };
+    let sneaky = LessonTagged {
+        lesson_id: -1,
+        tags: vec![1; max * 2 / 5],
+    };
+    assert!(serde_json::to_string(&sneaky).unwrap().len() < max - 1_000);
+    // 6,000 events take two statements; the refused one is in the second.
+    let mut batch: Vec<LessonTagged> = (0..6_000).map(small).collect();
+    batch.push(sneaky);
+
+    // In the caller's transaction: refused with the size Postgres would store, nothing
+    // written, and the transaction still usable.
+    let mut tx = service.pool().begin().await.unwrap();
+    let error = service
+        .emit_all_in(&mut tx, batch.clone())
+        .await
+        .expect_err("one event too large as JSONB");
+    assert_eq!(error.kind(), EmitErrorKind::TooLarge, "{error}");
+    let printed = 3 * (max * 2 / 5);
+    assert!(
+        error.to_string().contains(" is ") && reported_size(&error.to_string()) > printed,
+        "the printed JSONB size (over {printed} bytes) is reported: {error}"
+    );
+    assert_eq!(
+        outbox_rows(&mut tx).await,
+        0,
+        "the first statement was undone"
+    );
+    service.emit_in(&mut tx, small(1)).await.expect("usable");
+    tx.commit().await.unwrap();
+
+    // On a connection outside a transaction, and with emit_all: nothing written.
+    let mut conn = env.connect().await;
+    let error = service
+        .emit_all_in(&mut conn, batch.clone())
+        .await
+        .expect_err("too large");
+    assert_eq!(error.kind(), EmitErrorKind::TooLarge);
+    let error = service.emit_all(batch).await.expect_err("too large");
+    assert_eq!(error.kind(), EmitErrorKind::TooLarge);
+    assert_eq!(outbox_rows(&mut conn).await, 1);
+
+    // Without it, both ways write everything.
+    let ids = service
+        .emit_all_in(&mut conn, (0..6_000).map(small))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 6_000);
+    let mut tx = service.pool().begin().await.unwrap();
+    service
+        .emit_all_in(&mut tx, (0..6_000).map(small))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outbox_rows(&mut conn).await, 12_001);
+}
+
+async fn outbox_rows(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM edupulse.outbox")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// The `{size}` of a TooLarge message: "event `x` is {size} bytes encoded …".
+fn reported_size(message: &str) -> usize {
+    message
+        .split(" is ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
