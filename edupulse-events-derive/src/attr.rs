@@ -117,18 +117,21 @@ fn read_meta(cx: &mut Ctxt, out: &mut Attrs, meta: Meta) {
                     return;
                 }
             };
+            // The outbox stores the version as a Postgres `integer`.
             match lit.base10_parse::<u32>() {
                 Ok(0) => cx.error_spanned_by(
                     &lit,
                     "`version = 0` is not allowed: versions start at 1; write `version = 1` \
                      or leave `version` out",
                 ),
-                Ok(version) => out.version = Some((version, lit)),
-                Err(_) => cx.error_spanned_by(
+                Ok(version) if i32::try_from(version).is_ok() => {
+                    out.version = Some((version, lit));
+                }
+                _ => cx.error_spanned_by(
                     &lit,
                     format!(
                         "`version` must be a whole number from 1 to {}, e.g. `version = 2`",
-                        u32::MAX
+                        i32::MAX
                     ),
                 ),
             }

@@ -567,7 +567,7 @@ fn has_escaped_nul(json: &str) -> bool {
 }
 
 fn version_i32<E: DomainEvent>() -> i32 {
-    // Versions above i32::MAX cannot be stored; none is that large in practice.
+    // The derive refuses versions above i32::MAX; only a hand-written impl gets here.
     i32::try_from(E::VERSION).unwrap_or(i32::MAX)
 }
 
