@@ -85,6 +85,10 @@ pub struct RelaySettings {
     /// How long the relay waits for a transaction still writing earlier events before it
     /// publishes later ones that have committed (which then go out of order). Default 30 s.
     pub order_wait_limit: Duration,
+    /// How long a leader keeps failing to publish (every attempt refused or unanswered,
+    /// nothing published) before it lets go of the lead for a while, so that a replica
+    /// that can reach NATS takes over. Zero: never. Default 30 s.
+    pub yield_after: Duration,
 }
 
 impl Default for RelaySettings {
@@ -100,6 +104,7 @@ impl Default for RelaySettings {
             prune_batch: 1000,
             prune_interval: Duration::from_secs(10),
             order_wait_limit: Duration::from_secs(30),
+            yield_after: Duration::from_secs(30),
         }
     }
 }

@@ -208,6 +208,21 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
                         tracing::info!("relay stopped");
                         break;
                     }
+                    Ok(Led::Yielded) => {
+                        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                            .bind(LEADER_LOCK)
+                            .execute(&mut conn)
+                            .await;
+                        if unlocked.is_ok() {
+                            standby = Some(conn);
+                        }
+                        // Long enough for a standby (trying every standby_interval) to
+                        // take the lead; if none does, this relay leads again.
+                        let pause = (settings.standby_interval * 3).max(settings.retry_max);
+                        if sleep_or_stop(&mut stop, pause).await {
+                            break;
+                        }
+                    }
                     Ok(Led::Crashed) => {
                         // Dropping the connection without a word is what a dead process does.
                         drop(conn);
@@ -255,6 +270,8 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
 
 enum Led {
     Stopped,
+    /// Gave up the lead after failing to publish for `yield_after`.
+    Yielded,
     Crashed,
 }
 
@@ -278,6 +295,8 @@ async fn lead(
     let _listener = AbortOnDrop(tokio::spawn(listen(inner.pool.clone(), wake.clone())));
     let mut pruner = Pruner::start(conn, settings.retention).await?;
     let mut given_up = HashSet::new();
+    // Since when every batch has failed with nothing published.
+    let mut failing_since: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             return Ok(Led::Stopped);
@@ -327,6 +346,18 @@ async fn lead(
         state
             .published
             .fetch_add(marked.published, Ordering::SeqCst);
+        if marked.published > 0 || marked.retry_in.is_none() {
+            failing_since = None;
+        } else {
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if !settings.yield_after.is_zero() && since.elapsed() >= settings.yield_after {
+                tracing::warn!(
+                    failing_for = ?since.elapsed(),
+                    "relay cannot publish to NATS; letting another replica lead for a while"
+                );
+                return Ok(Led::Yielded);
+            }
+        }
         if let Some(delay) = marked.retry_in {
             if sleep_or_stop(stop, delay).await {
                 return Ok(Led::Stopped);

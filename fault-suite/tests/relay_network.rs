@@ -1,4 +1,5 @@
-//! The relay's publish chain, shown with a connection cut in the middle of a batch.
+//! The relay when its way to NATS fails: a connection cut in the middle of a batch, and
+//! a leader that cannot reach NATS at all while a standby can.
 //!
 //! The relay pipelines a whole batch on one NATS connection. When that connection dies
 //! in the middle, the bytes already in the sockets are lost, while the client sends what
@@ -104,4 +105,83 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
         first_out_of_order, None,
         "the stream is out of sequence order ({retried} events retried)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
+    let upstream: SocketAddr = shared_nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port");
+    let proxy = FaultProxy::start(upstream).await;
+    // Replica A reaches NATS through the proxy, replica B directly; same database.
+    let env = TestEnv::new().await;
+    let settings = RelaySettings {
+        ack_timeout: Duration::from_millis(500),
+        yield_after: Duration::from_secs(2),
+        ..TestEnv::fast_relay()
+    };
+    let a = env
+        .service_with(
+            env.config()
+                .nats_url(format!("nats://{}", proxy.addr()))
+                .relay(settings.clone()),
+        )
+        .await;
+    let b = env.service_with(env.config().relay(settings)).await;
+    let relay_a = a.start_relay();
+    wait_for(Duration::from_secs(30), "A to lead", || async {
+        relay_a.is_leader()
+    })
+    .await;
+    let relay_b = b.start_relay();
+    let first = a
+        .emit(Bulky {
+            lane: 0,
+            counter: 0,
+            filler: String::new(),
+        })
+        .await
+        .expect("emit");
+    wait_for(Duration::from_secs(30), "A to publish", || async {
+        relay_a.published() == 1
+    })
+    .await;
+
+    // A's way to NATS goes dark: no answer, no new connection.
+    proxy.stall(Direction::Both);
+    proxy.refuse(true);
+    let mut ids = vec![first];
+    for counter in 1..=20 {
+        ids.push(
+            a.emit(Bulky {
+                lane: 0,
+                counter,
+                filler: String::new(),
+            })
+            .await
+            .expect("emit without NATS"),
+        );
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "B to take the lead and publish everything",
+        || async { a.outbox_status().await.expect("status").pending == 0 },
+    )
+    .await;
+    assert!(
+        relay_b.published() >= 20,
+        "B published: {}",
+        relay_b.published()
+    );
+    assert_eq!(relay_a.published(), 1, "A published nothing more");
+    assert!(!relay_a.is_finished(), "A stands by, it does not stop");
+
+    let js = env.jetstream().await;
+    let got = env.stream_ids(&js).await;
+    assert_eq!(got, ids, "every event once, in sequence order");
+    proxy.release();
+    proxy.refuse(false);
+    relay_a.shutdown().await.expect("A shutdown");
+    relay_b.shutdown().await.expect("B shutdown");
 }
