@@ -195,7 +195,8 @@ const INSERT_ONE_NOTIFY: &str = "\
 INSERT INTO edupulse.outbox
     (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
 SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
-FROM (SELECT CAST($5::text AS jsonb) AS p, pg_notify('edupulse_outbox', '') AS n) AS x
+FROM (SELECT CAST($5::text AS jsonb) AS p,
+             (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_state WHERE idle) AS n) AS x
 WHERE octet_length(x.p::text) <= $11
 RETURNING seq";
 
@@ -226,7 +227,7 @@ RETURNING seq"
 
 const INSERT_MANY: &str = insert_many!("");
 const INSERT_MANY_NOTIFY: &str =
-    insert_many!(", (SELECT 1 FROM pg_notify('edupulse_outbox', '')) AS notified");
+    insert_many!(", (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_state WHERE idle) AS notified");
 
 const NOTIFY: &str = "SELECT pg_notify('edupulse_outbox', '')";
 
@@ -345,6 +346,9 @@ impl EventService {
         let span =
             tracing::debug_span!("edupulse.emit_all", event = E::NAME, count = prepared.len());
         async {
+            if prepared.is_empty() {
+                return Ok(Vec::new());
+            }
             if prepared.len() <= BATCH_CHUNK {
                 return self.insert_chunk::<E>(conn, &prepared).await;
             }

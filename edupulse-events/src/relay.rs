@@ -34,8 +34,12 @@ use uuid::Uuid;
 /// The advisory lock key the leader holds: "edupulse" in ASCII.
 const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
 
-/// Server-side keepalives and a user timeout for the relay's own connections.
-const KEEPALIVES: &str = "\
+/// The relay's own sessions: server-side keepalives and a user timeout; and commits
+/// that do not wait for the WAL flush, since every write of the relay can be lost in a
+/// crash without harm (a lost mark republishes into JetStream's duplicate window, a lost
+/// prune or idle flag is done again).
+const SESSION_SETUP: &str = "\
+SET synchronous_commit = off;
 SET tcp_keepalives_idle = 10;
 SET tcp_keepalives_interval = 5;
 SET tcp_keepalives_count = 3;
@@ -174,8 +178,8 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
                     // host vanishes sends no FIN: these let the server notice within
                     // about 25 s (not the kernel's two hours) and free the lock for a
                     // standby. Ignored on a Unix socket.
-                    if let Err(error) = sqlx::raw_sql(KEEPALIVES).execute(&mut conn).await {
-                        tracing::warn!(%error, "relay could not set TCP keepalives");
+                    if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
+                        tracing::warn!(%error, "relay could not set up its session");
                     }
                     conn
                 }
@@ -297,6 +301,9 @@ async fn lead(
     let mut given_up = HashSet::new();
     // Since when every batch has failed with nothing published.
     let mut failing_since: Option<Instant> = None;
+    // Writers notify only while the relay says it is idle.
+    set_idle(conn, false).await?;
+    let mut idle = false;
     loop {
         if *stop.borrow() {
             return Ok(Led::Stopped);
@@ -305,6 +312,13 @@ async fn lead(
             return Ok(Led::Stopped);
         };
         if batch.is_empty() {
+            if !idle {
+                // From now on writers notify. Look once more: writers that saw the
+                // relay busy did not notify, and the fence waits for any still open.
+                set_idle(conn, true).await?;
+                idle = true;
+                continue;
+            }
             pruner.maybe_prune(conn, settings).await?;
             tokio::select! {
                 _ = wake.notified() => {}
@@ -317,6 +331,10 @@ async fn lead(
                 }
             }
             continue;
+        }
+        if idle {
+            set_idle(conn, false).await?;
+            idle = false;
         }
         // Measured on the database's clock, which also set the retry time.
         if batch[0].wait_secs > 0.0 {
@@ -365,6 +383,15 @@ async fn lead(
         }
         pruner.maybe_prune(conn, settings).await?;
     }
+}
+
+/// Tells writers whether to notify at commit (`edupulse.relay_state`).
+async fn set_idle(conn: &mut PgConnection, idle: bool) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE edupulse.relay_state SET idle = $1 WHERE idle IS DISTINCT FROM $1")
+        .bind(idle)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Wakes the leader on every notification, and after a reconnect (notifications sent

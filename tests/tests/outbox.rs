@@ -222,6 +222,24 @@ async fn emit_all_writes_a_batch_in_order_and_notifies() {
         .await
         .expect("a notification for a single emit")
         .unwrap();
+
+    // While the relay says it is busy, emitting does not notify (notifications arrive
+    // in commit order, so the marker sent after the emits must come first).
+    sqlx::query("UPDATE edupulse.relay_state SET idle = false")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    service.emit(lesson(2)).await.unwrap();
+    service.emit_all((3..10).map(lesson)).await.unwrap();
+    sqlx::query("SELECT pg_notify('edupulse_outbox', 'marker')")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("the marker")
+        .unwrap();
+    assert_eq!(next.payload(), "marker", "a busy relay is not notified");
 }
 
 #[tokio::test]
@@ -441,7 +459,8 @@ async fn migrating_is_idempotent_concurrent_and_apart_from_the_apps_migrations()
             "edupulse._migrations",
             "edupulse.dead_letters",
             "edupulse.inbox",
-            "edupulse.outbox"
+            "edupulse.outbox",
+            "edupulse.relay_state"
         ]
     );
 }

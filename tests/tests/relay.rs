@@ -344,3 +344,40 @@ async fn a_relay_started_before_the_migrations_publishes_once_they_are_applied()
     assert_stream_is(&env, &js, &[id]).await;
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
+    let env = TestEnv::new().await;
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            poll_interval: Duration::from_secs(60),
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+    let idle = || async {
+        sqlx::query_scalar::<_, bool>("SELECT idle FROM edupulse.relay_state")
+            .fetch_one(service.pool())
+            .await
+            .unwrap()
+    };
+    let mut ids = Vec::new();
+    for counter in 0..5 {
+        // Between bursts the relay says it is idle, so the next commit notifies.
+        wait_for(WAIT, "the relay to say it is idle", || async {
+            relay.is_leader() && idle().await
+        })
+        .await;
+        let started = tokio::time::Instant::now();
+        ids.push(service.emit(quiz(6, counter)).await.unwrap());
+        wait_for(WAIT, "the event", || async { pending(&service).await == 0 }).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "woken by the notification, not the 60 s poll: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_stream_is(&env, &js, &ids).await;
+    relay.shutdown().await.unwrap();
+}
