@@ -36,13 +36,13 @@ use crate::outbox::is_undefined_table;
 use crate::relay::sleep_or_stop;
 use crate::service::{EventService, Inner};
 use crate::DomainEvent;
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Message};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::PgConnection;
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -53,6 +53,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -112,9 +113,21 @@ pub struct ConsumerSettings {
     /// How many events are handled at once. Events of one subject always go to the same
     /// lane, so with the default, 1, and with any value, events of one subject reach the
     /// handler in stream order. Default 1.
+    ///
+    /// The order holds for one running instance of the group, including across the
+    /// death of an earlier one: an instance that starts while messages delivered before
+    /// it are still unacked (given to an instance that died, say) holds the later
+    /// messages, up to `ack_wait` and a margin, until the earlier ones come back, and
+    /// handles them all in stream order. It does not hold when several instances run
+    /// at once: they share a subject's events, and when one of them dies, the
+    /// survivors have already handled later events by the time its unacked ones come
+    /// back.
     pub concurrency: usize,
     /// How many times an event is handed to its handler before it is terminated and
-    /// recorded in the dead-letter table. Default 5.
+    /// recorded in the dead-letter table. Default 5. Only the handler's failures count:
+    /// when the framework itself cannot reach Postgres (to begin the `on_tx`
+    /// transaction, record the event in the inbox or commit), the event is retried in
+    /// its lane, with backoff, for as long as it takes.
     pub max_deliveries: u32,
     /// The delay before the second delivery; doubled each time, with jitter. Default 1 s.
     pub retry_base: Duration,
@@ -663,6 +676,13 @@ impl ConsumerHandle {
         self.stats.crash_before_ack.store(true, Ordering::SeqCst);
     }
 
+    /// Test hook: tells the instance to stop (as [`ConsumerHandle::shutdown`] does)
+    /// without waiting; `shutdown` still waits for it.
+    #[doc(hidden)]
+    pub fn __begin_shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
     /// Whether the instance has stopped (after a shutdown or a simulated crash).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
@@ -679,6 +699,179 @@ impl ConsumerHandle {
             .await
             .map_err(|e| ConsumerError::Panicked(e.to_string()))
     }
+}
+
+/// How often an instance that catches up (see [`Gate`]) reads the group's ack floor.
+const CATCH_UP_POLL: Duration = Duration::from_millis(50);
+
+/// How long an instance catches up at most: `ack_wait` (by then every message of an
+/// instance that died before it started has come back) and a margin.
+fn catch_up_limit(ack_wait: Duration) -> Duration {
+    ack_wait + (ack_wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
+/// Keeps the handled order of a group across the death of one of its instances.
+///
+/// The messages delivered to an instance that died stay pending on the server until
+/// their `ack_wait` passes, and then come back after the messages that follow them,
+/// in the order their timers expire. So when this instance starts pulling (at start,
+/// and whenever its pull stream restarts) while the group has messages delivered and
+/// not acked (its ack floor is below the last stream sequence delivered, the *mark*),
+/// it *catches up*: every message it receives is held, by stream sequence (with
+/// progress sent, so that it is not redelivered), and handed to its lane only once
+/// every earlier message of the group is acked (the ack floor, read every
+/// [`CATCH_UP_POLL`]) or was handed to a lane of this instance: its lanes then handle
+/// them in stream order. It stops catching up when everything up to the mark is so,
+/// or at the latest [`catch_up_limit`] after it began: by then every message of an
+/// instance that had died has come back (its timer had started before), and what
+/// has not is in the hands of a live instance, whose order relative to this one the
+/// group does not keep anyway. The held messages are then released in stream order.
+///
+/// Held messages count toward the group's `max_ack_pending`; redeliveries do not, so
+/// they always reach this instance, and live instances go on with the messages they
+/// have. On shutdown, held messages are handed back (nak); after a simulated crash
+/// they are left to expire.
+#[derive(Default)]
+struct Gate {
+    /// When catching up must end; `None` when not catching up.
+    deadline: Option<Instant>,
+    /// The last stream sequence delivered to the group when catching up began.
+    mark: u64,
+    /// Every message of the group up to this stream sequence is acked, or was handed
+    /// to one of this instance's lanes while catching up.
+    through: u64,
+    /// Messages received while catching up and not handed to a lane yet.
+    held: BTreeMap<u64, Message>,
+}
+
+impl Gate {
+    fn catching_up(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    /// Catches up if the group has messages delivered and not acked. `info` is the
+    /// group's state read before pulling; without it, catches up to the limit.
+    fn arm(&mut self, info: Option<&consumer::Info>, ack_wait: Duration) {
+        let (mark, floor) = match info {
+            Some(info) => (
+                info.delivered.stream_sequence,
+                info.ack_floor.stream_sequence,
+            ),
+            None => (u64::MAX, 0),
+        };
+        if floor >= mark && !self.catching_up() {
+            return;
+        }
+        if self.catching_up() {
+            self.mark = self.mark.max(mark);
+            self.through = self.through.max(floor);
+        } else {
+            self.mark = mark;
+            self.through = floor;
+        }
+        self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
+        tracing::info!(
+            mark = self.mark,
+            ack_floor = floor,
+            "messages delivered before this instance pulled are not acked yet; \
+             holding later ones until they are, to keep each subject's order"
+        );
+        self.check_done();
+    }
+
+    /// Takes the group's ack floor, as just read.
+    fn observe_floor(&mut self, floor: u64) {
+        self.through = self.through.max(floor);
+        self.check_done();
+    }
+
+    /// Stops catching up when everything up to the mark is acked or in a lane here,
+    /// or when the deadline has passed.
+    fn check_done(&mut self) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if self.through >= self.mark {
+            tracing::debug!(mark = self.mark, "caught up");
+            self.deadline = None;
+        } else if Instant::now() >= deadline {
+            tracing::info!(
+                mark = self.mark,
+                through = self.through,
+                held = self.held.len(),
+                "stopped waiting for earlier unacked messages (another live instance \
+                 has them, or they are late); releasing the held ones in stream order"
+            );
+            self.deadline = None;
+        }
+    }
+
+    /// Takes a received message: returns it if it goes to its lane now, else holds it.
+    fn admit(&mut self, message: Message) -> Option<Message> {
+        if !self.catching_up() && self.held.is_empty() {
+            return Some(message);
+        }
+        let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+            return Some(message);
+        };
+        if sequence <= self.through {
+            // Acked or already in a lane: a late copy, which the lane handles as any.
+            return Some(message);
+        }
+        // A newer delivery of a held message replaces it (either acks it).
+        self.held.insert(sequence, message);
+        None
+    }
+
+    /// The next held message that may go to its lane now, lowest stream sequence first.
+    fn next_release(&mut self) -> Option<Message> {
+        let (&sequence, _) = self.held.first_key_value()?;
+        if self.catching_up() && sequence > self.through.saturating_add(1) {
+            return None;
+        }
+        self.through = self.through.max(sequence);
+        let message = self.held.pop_first().map(|(_, message)| message);
+        self.check_done();
+        message
+    }
+
+    /// Tells JetStream the held messages are in progress, so that none is redelivered.
+    async fn progress(&self) {
+        for message in self.held.values() {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// Hands `message` to its lane; false if the instance is stopping (the message is
+/// then handed back) or a lane has gone.
+async fn dispatch(
+    lanes: &[(mpsc::Sender<Message>, JoinHandle<()>)],
+    message: Message,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let lane = lane_of(message.subject.as_str(), lanes.len());
+    tokio::select! {
+        permit = lanes[lane].0.reserve() => match permit {
+            Ok(permit) => {
+                permit.send(message);
+                true
+            }
+            Err(_) => false,
+        },
+        _ = stop.changed() => {
+            give_back(&message).await;
+            false
+        }
+    }
+}
+
+/// What the fetch loop woke up for.
+enum Woke {
+    Message(Box<Message>),
+    Tick,
+    Restart,
+    Stop,
 }
 
 async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
@@ -708,10 +901,21 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
         })
     };
 
+    let mut gate = Gate::default();
+    let progress_period = (ctx.settings.ack_wait / 3).max(Duration::from_millis(100));
     'fetch: loop {
         if *stop.borrow() || ctx.stats.crashed.load(Ordering::SeqCst) {
             break;
         }
+        // What the group had been given before this instance pulls: see `Gate`.
+        let info = match consumer.get_info().await {
+            Ok(info) => Some(info),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the consumer group's state; holding new messages until ack_wait has passed");
+                None
+            }
+        };
+        gate.arm(info.as_ref(), ctx.settings.ack_wait);
         let messages = consumer
             .stream()
             .max_messages_per_batch(ctx.settings.fetch_batch)
@@ -729,38 +933,61 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
                 continue;
             }
         };
+        let mut poll = tokio::time::interval(CATCH_UP_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progress =
+            tokio::time::interval_at(Instant::now() + progress_period, progress_period);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = tokio::select! {
-                next = messages.next() => next,
-                _ = stop.changed() => break 'fetch,
-                _ = ctx.crash.notified() => break 'fetch,
-            };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    tracing::debug!(%error, "pull stream error");
-                    continue;
-                }
-                None => {
-                    // The pull stream ended (the consumer was deleted, say): start anew.
-                    if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
-                        break 'fetch;
+            let woke = tokio::select! {
+                next = messages.next() => match next {
+                    Some(Ok(message)) => Woke::Message(Box::new(message)),
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "pull stream error");
+                        Woke::Tick
                     }
-                    continue 'fetch;
+                    // The pull stream ended (the consumer was deleted, say): start anew.
+                    None => Woke::Restart,
+                },
+                _ = stop.changed() => Woke::Stop,
+                _ = ctx.crash.notified() => Woke::Stop,
+                _ = poll.tick(), if gate.catching_up() => {
+                    match consumer.get_info().await {
+                        Ok(info) => gate.observe_floor(info.ack_floor.stream_sequence),
+                        Err(error) => {
+                            tracing::debug!(%error, "cannot read the group's ack floor");
+                            gate.check_done();
+                        }
+                    }
+                    Woke::Tick
+                }
+                _ = progress.tick(), if gate.catching_up() && !gate.held.is_empty() => {
+                    gate.progress().await;
+                    Woke::Tick
                 }
             };
             if ctx.stats.crashed.load(Ordering::SeqCst) {
                 break 'fetch;
             }
-            let lane = lane_of(message.subject.as_str(), lanes.len());
-            let sender = &lanes[lane].0;
-            tokio::select! {
-                permit = sender.reserve() => match permit {
-                    Ok(permit) => permit.send(message),
-                    Err(_) => break 'fetch,
-                },
-                _ = stop.changed() => {
-                    give_back(&message).await;
+            match woke {
+                Woke::Stop => break 'fetch,
+                Woke::Restart => {
+                    if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
+                        break 'fetch;
+                    }
+                    continue 'fetch;
+                }
+                Woke::Tick => {}
+                Woke::Message(message) => {
+                    if let Some(message) = gate.admit(*message) {
+                        if !dispatch(&lanes, message, &mut stop).await {
+                            break 'fetch;
+                        }
+                    }
+                }
+            }
+            while let Some(message) = gate.next_release() {
+                if !dispatch(&lanes, message, &mut stop).await {
                     break 'fetch;
                 }
             }
@@ -768,10 +995,16 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
     }
 
     pruner.abort();
+    if !ctx.stats.crashed.load(Ordering::SeqCst) {
+        // Not handed to a lane: back to JetStream, like the lanes' queued messages.
+        for message in std::mem::take(&mut gate.held).into_values() {
+            give_back(&message).await;
+        }
+    }
     // Stop fetching; lanes finish the event in hand and give queued ones back.
     let (senders, tasks): (Vec<_>, Vec<_>) = lanes.into_iter().unzip();
     drop(senders);
-    let deadline = tokio::time::Instant::now() + ctx.settings.shutdown_timeout;
+    let deadline = Instant::now() + ctx.settings.shutdown_timeout;
     for mut task in tasks {
         if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             tracing::warn!("a handler did not finish within shutdown_timeout; abandoning it (its event will be redelivered)");
@@ -937,8 +1170,43 @@ pub(crate) fn current_cause() -> Option<Cause> {
 enum Outcome {
     Handled,
     Duplicate,
+    /// The handler failed: counts toward `max_deliveries`.
     Failed(String),
+    /// The framework could not reach Postgres (begin, inbox insert, commit): retried
+    /// without counting toward `max_deliveries`.
+    Unavailable(String),
     Crashed,
+}
+
+/// Whether a Postgres error means the database or the pool cannot be reached (rather
+/// than something the statement did): a lost or refused connection, a pool that timed
+/// out, a server shutting down or full.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot
+            // connect now; 53300: too many connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// The outcome of a failed framework statement: [`Outcome::Unavailable`] if Postgres
+/// could not be reached, else [`Outcome::Failed`].
+fn framework_failure(what: &str, error: &sqlx::Error) -> Outcome {
+    let why = format!("{what}: {error}");
+    if is_unavailable(error) {
+        Outcome::Unavailable(why)
+    } else {
+        Outcome::Failed(why)
+    }
 }
 
 async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>) {
@@ -962,6 +1230,9 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
     };
     let span = tracing::debug_span!("edupulse.handle", event = route.name, id = %envelope.id);
     let mut attempt = delivered;
+    // Retries because Postgres was unreachable, for their backoff; they do not count
+    // toward `max_deliveries`.
+    let mut outages: u32 = 0;
     loop {
         let event = match (route.decode)(&message.payload) {
             Ok(event) => event,
@@ -1002,7 +1273,29 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                 return;
             }
             Outcome::Crashed => return,
+            Outcome::Unavailable(why) => {
+                outages = outages.saturating_add(1);
+                let delay = crate::relay::backoff(
+                    ctx.settings.retry_base,
+                    ctx.settings.retry_max,
+                    i32::try_from(outages).unwrap_or(i32::MAX),
+                );
+                tracing::warn!(
+                    group = %ctx.group, event = route.name, id = %envelope.id, attempt,
+                    retry_in = ?delay, error = %why,
+                    "Postgres is unreachable; retrying (not counted as a failed delivery)"
+                );
+                let waited = with_progress(message, ctx.settings.ack_wait, async {
+                    sleep_or_stop(stop, delay).await
+                })
+                .await;
+                if waited {
+                    give_back(message).await;
+                    return;
+                }
+            }
             Outcome::Failed(why) => {
+                outages = 0;
                 if attempt >= ctx.settings.max_deliveries {
                     dead_letter(
                         ctx,
@@ -1075,9 +1368,7 @@ async fn handle(
         Call::Tx(call) => {
             let mut tx = match ctx.inner.pool.begin().await {
                 Ok(tx) => tx,
-                Err(error) => {
-                    return Outcome::Failed(format!("cannot begin a transaction: {error}"))
-                }
+                Err(error) => return framework_failure("cannot begin a transaction", &error),
             };
             let inserted = sqlx::query(
                 "INSERT INTO edupulse.inbox (consumer_group, event_id) VALUES ($1, $2)
@@ -1094,9 +1385,7 @@ async fn handle(
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    return Outcome::Failed(format!(
-                        "cannot record the event in the inbox: {error}"
-                    ))
+                    return framework_failure("cannot record the event in the inbox", &error)
                 }
             }
             if let Err(error) = call(&mut tx, event, envelope).await {
@@ -1104,9 +1393,8 @@ async fn handle(
                 return Outcome::Failed(error.to_string());
             }
             if let Err(error) = tx.commit().await {
-                return Outcome::Failed(format!(
-                    "cannot commit the handler's transaction: {error}"
-                ));
+                // If the commit did happen, the retry finds the event in the inbox.
+                return framework_failure("cannot commit the handler's transaction", &error);
             }
             if ctx.stats.crash_before_ack.load(Ordering::SeqCst) {
                 ctx.stats.crashed.store(true, Ordering::SeqCst);

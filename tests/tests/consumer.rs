@@ -6,7 +6,8 @@ use edupulse_events::{
 };
 use edupulse_events_tests::{wait_for, TestEnv};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
@@ -471,6 +472,40 @@ async fn undecodable_and_unknown_messages_go_to_dead_letters_with_a_reason() {
     relay.shutdown().await.unwrap();
 }
 
+/// Holds `on_tx` handlers in the middle of their transaction while paused, so that a
+/// test can shut an instance down with handlers in flight at a point it chooses.
+struct Pause {
+    paused: AtomicBool,
+    blocked: AtomicU32,
+    resume: tokio::sync::Semaphore,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause {
+            paused: AtomicBool::new(false),
+            blocked: AtomicU32::new(0),
+            resume: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl Pause {
+    async fn point(&self) {
+        if self.paused.load(Ordering::SeqCst) {
+            self.blocked.fetch_add(1, Ordering::SeqCst);
+            if let Ok(permit) = self.resume.acquire().await {
+                permit.forget();
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.resume.add_permits(1024);
+    }
+}
+
 #[tokio::test]
 async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
     let Setup {
@@ -478,20 +513,21 @@ async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
         relay,
         env: _env,
     } = setup().await;
-    let start = |service: &EventService| {
+    let start = |service: &EventService, pause: Arc<Pause>| {
         service
             .consumer("indexer")
             .settings(ConsumerSettings {
                 concurrency: 4,
                 ..fast()
             })
-            .on_tx::<QuizSubmitted, _>(|tx, received| {
+            .on_tx::<QuizSubmitted, _>(move |tx, received| {
+                let pause = pause.clone();
                 Box::pin(async move {
                     sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'first')")
                         .bind(received.envelope.id)
                         .execute(&mut *tx)
                         .await?;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    pause.point().await;
                     sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'second')")
                         .bind(received.envelope.id)
                         .execute(&mut *tx)
@@ -508,11 +544,21 @@ async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
         }))
         .await
         .unwrap();
-    let first = start(&service).await.unwrap();
+    let pause = Arc::new(Pause::default());
+    let first = start(&service, pause.clone()).await.unwrap();
     wait_for(WAIT, "some events to be handled", || async {
         first.handled() >= 60
     })
     .await;
+    // Catch handlers between their two inserts, stop the instance, then let them go on:
+    // they finish, and the queued events are handed back.
+    pause.paused.store(true, Ordering::SeqCst);
+    wait_for(WAIT, "a handler in flight, half-way", || async {
+        pause.blocked.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    first.__begin_shutdown();
+    pause.release();
     first.shutdown().await.unwrap();
     let inbox = count(&service, "SELECT count(*) FROM edupulse.inbox").await;
     let effects = count(&service, "SELECT count(*) FROM effects").await;
@@ -523,7 +569,7 @@ async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
         "every handled event has both effects, no other has any"
     );
 
-    let second = start(&service).await.unwrap();
+    let second = start(&service, Arc::new(Pause::default())).await.unwrap();
     wait_for(WAIT, "every event to be handled", || async {
         count(&service, "SELECT count(*) FROM edupulse.inbox").await == 600
     })
@@ -570,25 +616,274 @@ async fn two_instances_of_one_group_share_the_work_and_handle_each_event_once() 
     };
     let a = start(&service).await.unwrap();
     let b = start(&other).await.unwrap();
-    service
-        .emit_all((0..1000).map(|i| QuizSubmitted {
+    let emit = |from: i64, n: i64| {
+        service.emit_all((from..from + n).map(|i| QuizSubmitted {
             quiz_id: format!("q{}", i % 31),
+            score: 0.5,
+        }))
+    };
+    emit(0, 1000).await.unwrap();
+    let mut emitted = 1000;
+    // Both instances get work: while one has none, each time everything emitted is
+    // handled, emit more, up to a deadline.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.handled() == 0 || b.handled() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances should get work within {WAIT:?}: {} {}",
+            a.handled(),
+            b.handled()
+        );
+        if count(&service, "SELECT count(*) FROM edupulse.inbox").await == emitted {
+            emit(emitted, 200).await.unwrap();
+            emitted += 200;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for(WAIT, "every event to be handled", || async {
+        count(&service, "SELECT count(*) FROM edupulse.inbox").await == emitted
+    })
+    .await;
+    assert_eq!(a.handled() + b.handled(), emitted as u64);
+    assert_eq!(
+        count(&service, "SELECT count(*) FROM effects").await,
+        emitted
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+/// How many messages group `group` has delivered and not acked, on the server.
+async fn ack_pending(env: &TestEnv, js: &async_nats::jetstream::Context, group: &str) -> usize {
+    let stream = js.get_stream(&env.stream).await.unwrap();
+    stream
+        .consumer_info(group)
+        .await
+        .map(|info| info.num_ack_pending)
+        .unwrap_or(0)
+}
+
+/// Starts an `indexer` instance whose handler records each lesson id it is called
+/// with, in call order, and its effect.
+async fn start_recording(
+    service: &EventService,
+    settings: ConsumerSettings,
+    calls: Arc<Mutex<Vec<i64>>>,
+) -> edupulse_events::ConsumerHandle {
+    service
+        .consumer("indexer")
+        .settings(settings)
+        .on_tx::<LessonPublished, _>(move |tx, received| {
+            calls.lock().unwrap().push(received.event.lesson_id);
+            record_effect(tx, received.envelope.id, "indexed".into())
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Starts an `indexer` instance that receives every event emitted, blocks in its first
+/// handler until the group has delivered `expected` messages, commits that one event
+/// and dies without acking or handing back anything.
+async fn start_and_kill_holding(
+    env: &TestEnv,
+    service: &EventService,
+    settings: ConsumerSettings,
+    emit: impl Future<Output = ()>,
+    expected: usize,
+) {
+    let js = env.jetstream().await;
+    let go = Arc::new(tokio::sync::Notify::new());
+    let doomed = {
+        let go = go.clone();
+        service
+            .consumer("indexer")
+            .settings(settings)
+            .on_tx::<LessonPublished, _>(move |tx, received| {
+                let go = go.clone();
+                Box::pin(async move {
+                    go.notified().await;
+                    record_effect(tx, received.envelope.id, "doomed".into()).await
+                })
+            })
+            .start()
+            .await
+            .unwrap()
+    };
+    doomed.__crash_after_commit();
+    emit.await;
+    wait_for(
+        WAIT,
+        "the events delivered to the doomed instance",
+        || async { ack_pending(env, &js, "indexer").await == expected },
+    )
+    .await;
+    go.notify_one();
+    wait_for(WAIT, "the doomed instance to commit and die", || async {
+        doomed.is_finished()
+    })
+    .await;
+    doomed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_an_instance_dies_the_next_one_handles_each_subject_in_stream_order() {
+    let Setup {
+        service,
+        relay,
+        env,
+    } = setup().await;
+    // Lessons 1-20, one subject, all delivered to an instance that commits lesson 1 and
+    // dies: 2-20 stay pending on the server until ack_wait passes.
+    let emit = async {
+        service
+            .emit_all((1..=20).map(|lesson_id| LessonPublished { lesson_id }))
+            .await
+            .unwrap();
+    };
+    start_and_kill_holding(&env, &service, fast(), emit, 20).await;
+    // Later lessons of the same subject are there at once for the next instance.
+    service
+        .emit_all((21..=30).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    let js = env.jetstream().await;
+    wait_for(WAIT, "the later events in the stream", || async {
+        env.stream_len(&js).await == 30
+    })
+    .await;
+
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let next = start_recording(&service, fast(), calls.clone()).await;
+    wait_for(WAIT, "every event to be handled", || async {
+        next.handled() == 29 && next.duplicates() == 1
+    })
+    .await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        (2..=30).collect::<Vec<i64>>(),
+        "the dead instance's events first, in stream order; lesson 1 was committed"
+    );
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 30);
+    next.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutting_down_while_waiting_for_a_dead_instances_events_keeps_the_order() {
+    let Setup {
+        service,
+        relay,
+        env,
+    } = setup().await;
+    let emit = async {
+        service
+            .emit_all((1..=20).map(|lesson_id| LessonPublished { lesson_id }))
+            .await
+            .unwrap();
+    };
+    // A longer ack_wait leaves time to shut the next instance down while it waits.
+    let settings = ConsumerSettings {
+        ack_wait: Duration::from_secs(4),
+        ..fast()
+    };
+    start_and_kill_holding(&env, &service, settings.clone(), emit, 20).await;
+    service
+        .emit_all((21..=30).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    let js = env.jetstream().await;
+    // An instance that receives the later events and holds them for the dead
+    // instance's, shut down while it waits: it hands back what it holds, unhandled.
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let waiting = start_recording(&service, settings.clone(), calls.clone()).await;
+    wait_for(
+        WAIT,
+        "the later events delivered to the waiting instance",
+        || async { ack_pending(&env, &js, "indexer").await == 30 || waiting.handled() > 0 },
+    )
+    .await;
+    waiting.shutdown().await.unwrap();
+    let before = calls.lock().unwrap().len();
+
+    let next = start_recording(&service, settings, calls.clone()).await;
+    wait_for(WAIT, "every event to be handled", || async {
+        count(&service, "SELECT count(*) FROM effects").await == 30
+    })
+    .await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        (2..=30).collect::<Vec<i64>>(),
+        "in stream order over both instances ({before} by the one shut down)"
+    );
+    next.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_instance_joining_a_busy_group_shares_the_work_within_about_ack_wait() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let other = EventService::connect(service.config().clone())
+        .await
+        .unwrap();
+    let start = |service: &EventService| {
+        service
+            .consumer("indexer")
+            .settings(ConsumerSettings {
+                fetch_batch: 20,
+                ..fast()
+            })
+            .on_tx::<QuizSubmitted, _>(|tx, received| {
+                Box::pin(async move {
+                    // Work that takes a while, so that the group stays busy.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    record_effect(tx, received.envelope.id, "x".into()).await
+                })
+            })
+            .start()
+    };
+    let a = start(&service).await.unwrap();
+    let total = 1000;
+    service
+        .emit_all((0..total).map(|i| QuizSubmitted {
+            quiz_id: format!("q{}", i % 13),
             score: 0.5,
         }))
         .await
         .unwrap();
-    wait_for(WAIT, "every event to be handled", || async {
-        count(&service, "SELECT count(*) FROM edupulse.inbox").await == 1000
+    wait_for(WAIT, "the first instance to be busy", || async {
+        a.handled() >= 20
     })
     .await;
+    // The second instance sees the first one's unacked events; it may wait for them up
+    // to ack_wait (2 s) and a margin, never for the whole backlog.
+    let joined = tokio::time::Instant::now();
+    let b = start(&other).await.unwrap();
+    wait_for(WAIT, "the joining instance to handle events", || async {
+        b.handled() > 0
+    })
+    .await;
+    let waited = joined.elapsed();
+    let handled = count(&service, "SELECT count(*) FROM edupulse.inbox").await;
     assert!(
-        a.handled() > 0 && b.handled() > 0,
-        "both instances worked: {} {}",
-        a.handled(),
-        b.handled()
+        handled < total,
+        "the joining instance got work while the backlog lasted (after {waited:?})"
     );
-    assert_eq!(a.handled() + b.handled(), 1000);
-    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 1000);
+    assert!(
+        waited < Duration::from_secs(10),
+        "the joining instance waited {waited:?}"
+    );
+    wait_for(WAIT, "every event to be handled", || async {
+        count(&service, "SELECT count(*) FROM edupulse.inbox").await == total
+    })
+    .await;
+    assert_eq!(a.handled() + b.handled(), total as u64);
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, total);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
