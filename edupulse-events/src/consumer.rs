@@ -1285,12 +1285,7 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                     retry_in = ?delay, error = %why,
                     "Postgres is unreachable; retrying (not counted as a failed delivery)"
                 );
-                let waited = with_progress(message, ctx.settings.ack_wait, async {
-                    sleep_or_stop(stop, delay).await
-                })
-                .await;
-                if waited {
-                    give_back(message).await;
+                if wait_in_lane(ctx, message, stop, delay).await {
                     return;
                 }
             }
@@ -1318,20 +1313,32 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                     group = %ctx.group, event = route.name, id = %envelope.id, attempt,
                     retry_in = ?delay, error = %why, "handler failed; retrying"
                 );
-                // Waiting in the lane keeps later events of this subject behind it.
-                let waited = with_progress(message, ctx.settings.ack_wait, async {
-                    sleep_or_stop(stop, delay).await
-                })
-                .await;
-                if waited {
-                    // Shutting down: JetStream redelivers it later.
-                    give_back(message).await;
+                if wait_in_lane(ctx, message, stop, delay).await {
                     return;
                 }
                 attempt = attempt.saturating_add(1);
             }
         }
     }
+}
+
+/// Waits `delay` before the next try, in the lane (which keeps later events of the
+/// subject behind it) and with progress sent. True if the instance is shutting down:
+/// the message has then been handed back for JetStream to redeliver later.
+async fn wait_in_lane(
+    ctx: &Ctx,
+    message: &Message,
+    stop: &mut watch::Receiver<bool>,
+    delay: Duration,
+) -> bool {
+    let stopping = with_progress(message, ctx.settings.ack_wait, async {
+        sleep_or_stop(stop, delay).await
+    })
+    .await;
+    if stopping {
+        give_back(message).await;
+    }
+    stopping
 }
 
 /// Runs `work`, telling JetStream the message is still in progress every third of

@@ -30,13 +30,17 @@ struct Bulky {
 
 const EVENTS: u32 = 2_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
-    let upstream: SocketAddr = shared_nats_url()
+/// The shared NATS server's address, for a proxy in front of it.
+fn shared_nats_addr() -> SocketAddr {
+    shared_nats_url()
         .trim_start_matches("nats://")
         .parse()
-        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port");
-    let proxy = FaultProxy::start(upstream).await;
+        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
+    let proxy = FaultProxy::start(shared_nats_addr()).await;
     let env = TestEnv::with_nats(format!("nats://{}", proxy.addr())).await;
     let service = env
         .service_with(env.config().relay(RelaySettings {
@@ -109,11 +113,7 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
-    let upstream: SocketAddr = shared_nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port");
-    let proxy = FaultProxy::start(upstream).await;
+    let proxy = FaultProxy::start(shared_nats_addr()).await;
     // Replica A reaches NATS through the proxy, replica B directly; same database.
     let env = TestEnv::new().await;
     let settings = RelaySettings {

@@ -727,23 +727,21 @@ async fn start_and_kill_holding(
     doomed.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn after_an_instance_dies_the_next_one_handles_each_subject_in_stream_order() {
-    let Setup {
-        service,
-        relay,
-        env,
-    } = setup().await;
-    // Lessons 1-20, one subject, all delivered to an instance that commits lesson 1 and
-    // dies: 2-20 stay pending on the server until ack_wait passes.
+/// Lessons 1-20, one subject, all delivered to an instance that commits lesson 1 and
+/// dies: 2-20 stay pending on the server until ack_wait passes. Then lessons 21-30 of
+/// the same subject, in the stream at once for the next instance.
+async fn dead_instance_then_later_events(
+    env: &TestEnv,
+    service: &EventService,
+    settings: ConsumerSettings,
+) -> async_nats::jetstream::Context {
     let emit = async {
         service
             .emit_all((1..=20).map(|lesson_id| LessonPublished { lesson_id }))
             .await
             .unwrap();
     };
-    start_and_kill_holding(&env, &service, fast(), emit, 20).await;
-    // Later lessons of the same subject are there at once for the next instance.
+    start_and_kill_holding(env, service, settings, emit, 20).await;
     service
         .emit_all((21..=30).map(|lesson_id| LessonPublished { lesson_id }))
         .await
@@ -753,6 +751,17 @@ async fn after_an_instance_dies_the_next_one_handles_each_subject_in_stream_orde
         env.stream_len(&js).await == 30
     })
     .await;
+    js
+}
+
+#[tokio::test]
+async fn after_an_instance_dies_the_next_one_handles_each_subject_in_stream_order() {
+    let Setup {
+        service,
+        relay,
+        env,
+    } = setup().await;
+    dead_instance_then_later_events(&env, &service, fast()).await;
 
     let calls = Arc::new(Mutex::new(Vec::new()));
     let next = start_recording(&service, fast(), calls.clone()).await;
@@ -777,23 +786,12 @@ async fn shutting_down_while_waiting_for_a_dead_instances_events_keeps_the_order
         relay,
         env,
     } = setup().await;
-    let emit = async {
-        service
-            .emit_all((1..=20).map(|lesson_id| LessonPublished { lesson_id }))
-            .await
-            .unwrap();
-    };
     // A longer ack_wait leaves time to shut the next instance down while it waits.
     let settings = ConsumerSettings {
         ack_wait: Duration::from_secs(4),
         ..fast()
     };
-    start_and_kill_holding(&env, &service, settings.clone(), emit, 20).await;
-    service
-        .emit_all((21..=30).map(|lesson_id| LessonPublished { lesson_id }))
-        .await
-        .unwrap();
-    let js = env.jetstream().await;
+    let js = dead_instance_then_later_events(&env, &service, settings.clone()).await;
     // An instance that receives the later events and holds them for the dead
     // instance's, shut down while it waits: it hands back what it holds, unhandled.
     let calls = Arc::new(Mutex::new(Vec::new()));
