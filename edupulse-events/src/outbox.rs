@@ -196,7 +196,7 @@ INSERT INTO edupulse.outbox
     (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
 SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
 FROM (SELECT CAST($5::text AS jsonb) AS p,
-             (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_state WHERE idle) AS n) AS x
+             (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_idle WHERE last_value = 1) AS n) AS x
 WHERE octet_length(x.p::text) <= $11
 RETURNING seq";
 
@@ -227,7 +227,7 @@ RETURNING seq"
 
 const INSERT_MANY: &str = insert_many!("");
 const INSERT_MANY_NOTIFY: &str =
-    insert_many!(", (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_state WHERE idle) AS notified");
+    insert_many!(", (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_idle WHERE last_value = 1) AS notified");
 
 const NOTIFY: &str = "SELECT pg_notify('edupulse_outbox', '')";
 

@@ -385,10 +385,11 @@ async fn lead(
     }
 }
 
-/// Tells writers whether to notify at commit (`edupulse.relay_state`).
+/// Tells writers whether to notify at commit (`edupulse.relay_idle`; immediate, as
+/// sequences are not transactional).
 async fn set_idle(conn: &mut PgConnection, idle: bool) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE edupulse.relay_state SET idle = $1 WHERE idle IS DISTINCT FROM $1")
-        .bind(idle)
+    sqlx::query("SELECT setval('edupulse.relay_idle', $1)")
+        .bind(i64::from(idle))
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -225,7 +225,7 @@ async fn emit_all_writes_a_batch_in_order_and_notifies() {
 
     // While the relay says it is busy, emitting does not notify (notifications arrive
     // in commit order, so the marker sent after the emits must come first).
-    sqlx::query("UPDATE edupulse.relay_state SET idle = false")
+    sqlx::query("SELECT setval('edupulse.relay_idle', 0)")
         .execute(service.pool())
         .await
         .unwrap();
@@ -240,6 +240,29 @@ async fn emit_all_writes_a_batch_in_order_and_notifies() {
         .expect("the marker")
         .unwrap();
     assert_eq!(next.payload(), "marker", "a busy relay is not notified");
+
+    // A REPEATABLE READ writer whose snapshot predates the relay going idle still sees
+    // that it is idle at its insert, and notifies.
+    let mut tx = service.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM edupulse.outbox")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT setval('edupulse.relay_idle', 1)")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    service.emit_in(&mut tx, lesson(10)).await.unwrap();
+    tx.commit().await.unwrap();
+    let next = tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("a notification from the repeatable-read writer")
+        .unwrap();
+    assert_eq!(next.payload(), "", "the emit's notification");
 }
 
 #[tokio::test]
@@ -459,8 +482,7 @@ async fn migrating_is_idempotent_concurrent_and_apart_from_the_apps_migrations()
             "edupulse._migrations",
             "edupulse.dead_letters",
             "edupulse.inbox",
-            "edupulse.outbox",
-            "edupulse.relay_state"
+            "edupulse.outbox"
         ]
     );
 }

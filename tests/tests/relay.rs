@@ -357,7 +357,7 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
     let relay = service.start_relay();
     let js = env.jetstream().await;
     let idle = || async {
-        sqlx::query_scalar::<_, bool>("SELECT idle FROM edupulse.relay_state")
+        sqlx::query_scalar::<_, bool>("SELECT last_value = 1 FROM edupulse.relay_idle")
             .fetch_one(service.pool())
             .await
             .unwrap()
