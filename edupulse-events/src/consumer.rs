@@ -584,6 +584,7 @@ impl ConsumerBuilder {
             settings,
             stats: stats.clone(),
             crash: tokio::sync::Notify::new(),
+            queued: std::sync::Mutex::new(HashMap::new()),
         });
         tracing::info!(group = %group, "consumer started");
         let task = tokio::spawn(run(ctx, consumer, stop_rx).instrument(tracing::info_span!(
@@ -643,6 +644,39 @@ struct Ctx {
     filters: Vec<String>,
     settings: ConsumerSettings,
     stats: Arc<Stats>,
+    /// Messages handed to a lane and waiting in its queue, by reply subject (one per
+    /// delivery): the fetch loop sends them progress, so that a long queue is not
+    /// redelivered while this instance still has it.
+    queued: std::sync::Mutex<HashMap<String, Message>>,
+}
+
+impl Ctx {
+    fn enqueued(&self, message: &Message) {
+        if let Some(reply) = &message.reply {
+            if let Ok(mut queued) = self.queued.lock() {
+                queued.insert(reply.to_string(), message.clone());
+            }
+        }
+    }
+
+    fn dequeued(&self, message: &Message) {
+        if let Some(reply) = &message.reply {
+            if let Ok(mut queued) = self.queued.lock() {
+                queued.remove(reply.as_str());
+            }
+        }
+    }
+
+    /// Tells JetStream the messages waiting in the lanes' queues are in progress.
+    async fn progress_queued(&self) {
+        let waiting: Vec<Message> = match self.queued.lock() {
+            Ok(queued) => queued.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for message in waiting {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
 }
 
 /// A running consumer group instance; stop it with [`ConsumerHandle::shutdown`].
@@ -843,24 +877,23 @@ impl Gate {
     }
 }
 
-/// Hands `message` to its lane; false if the instance is stopping (the message is
-/// then handed back) or a lane has gone.
-async fn dispatch(
-    lanes: &[(mpsc::Sender<Message>, JoinHandle<()>)],
+/// Hands `message` to its lane; false if the lane has gone.
+///
+/// The lanes' queues are unbounded: the server delivers at most `max_ack_pending`
+/// messages not acked, which bounds them, and the fetch loop never waits on a lane, so
+/// no delivered message waits where it cannot be sent progress (in the pull stream's
+/// own buffer, say) and be redelivered while this instance still has it.
+fn dispatch(
+    ctx: &Ctx,
+    lanes: &[(mpsc::UnboundedSender<Message>, JoinHandle<()>)],
     message: Message,
-    stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let lane = lane_of(message.subject.as_str(), lanes.len());
-    tokio::select! {
-        permit = lanes[lane].0.reserve() => match permit {
-            Ok(permit) => {
-                permit.send(message);
-                true
-            }
-            Err(_) => false,
-        },
-        _ = stop.changed() => {
-            give_back(&message).await;
+    ctx.enqueued(&message);
+    match lanes[lane].0.send(message) {
+        Ok(()) => true,
+        Err(mpsc::error::SendError(message)) => {
+            ctx.dequeued(&message);
             false
         }
     }
@@ -875,17 +908,18 @@ enum Woke {
 }
 
 async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
-    let lanes: Vec<(mpsc::Sender<Message>, JoinHandle<()>)> = (0..ctx.settings.concurrency)
-        .map(|lane| {
-            let (tx, rx) = mpsc::channel::<Message>(ctx.settings.fetch_batch.max(1));
-            let ctx = ctx.clone();
-            let stop = stop.clone();
-            let task = tokio::spawn(
-                run_lane(ctx, rx, stop).instrument(tracing::debug_span!("lane", lane)),
-            );
-            (tx, task)
-        })
-        .collect();
+    let lanes: Vec<(mpsc::UnboundedSender<Message>, JoinHandle<()>)> =
+        (0..ctx.settings.concurrency)
+            .map(|lane| {
+                let (tx, rx) = mpsc::unbounded_channel::<Message>();
+                let ctx = ctx.clone();
+                let stop = stop.clone();
+                let task = tokio::spawn(
+                    run_lane(ctx, rx, stop).instrument(tracing::debug_span!("lane", lane)),
+                );
+                (tx, task)
+            })
+            .collect();
 
     let pruner = {
         let ctx = ctx.clone();
@@ -961,8 +995,9 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
                     }
                     Woke::Tick
                 }
-                _ = progress.tick(), if gate.catching_up() && !gate.held.is_empty() => {
+                _ = progress.tick() => {
                     gate.progress().await;
+                    ctx.progress_queued().await;
                     Woke::Tick
                 }
             };
@@ -980,14 +1015,14 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
                 Woke::Tick => {}
                 Woke::Message(message) => {
                     if let Some(message) = gate.admit(*message) {
-                        if !dispatch(&lanes, message, &mut stop).await {
+                        if !dispatch(&ctx, &lanes, message) {
                             break 'fetch;
                         }
                     }
                 }
             }
             while let Some(message) = gate.next_release() {
-                if !dispatch(&lanes, message, &mut stop).await {
+                if !dispatch(&ctx, &lanes, message) {
                     break 'fetch;
                 }
             }
@@ -1031,8 +1066,14 @@ async fn give_back(message: &Message) {
     }
 }
 
-async fn run_lane(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Message>, mut stop: watch::Receiver<bool>) {
+async fn run_lane(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut stop: watch::Receiver<bool>,
+) {
     while let Some(message) = rx.recv().await {
+        // From here `process` sends progress itself while it works.
+        ctx.dequeued(&message);
         if ctx.stats.crashed.load(Ordering::SeqCst) {
             // A dead process acks and naks nothing.
             continue;

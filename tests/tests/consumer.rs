@@ -917,3 +917,49 @@ async fn bad_consumer_definitions_are_refused() {
     assert!(error.to_string().contains("concurrency"), "{error}");
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn events_waiting_in_a_lane_longer_than_ack_wait_are_not_redelivered() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    // One subject, one lane, a slow plain handler: the last events wait in the lane's
+    // queue for several times ack_wait.
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let consumer = service
+        .consumer("slow")
+        .settings(ConsumerSettings {
+            ack_wait: Duration::from_secs(1),
+            fetch_batch: 20,
+            ..fast()
+        })
+        .on::<LessonPublished, _, _>(move |received: Received<LessonPublished>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push((received.event.lesson_id, received.envelope.attempt));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    service
+        .emit_all((0..30).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    wait_for(WAIT, "every event handled", || async {
+        consumer.handled() >= 30
+    })
+    .await;
+    consumer.shutdown().await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let expected: Vec<(i64, u32)> = (0..30).map(|lesson_id| (lesson_id, 1)).collect();
+    assert_eq!(calls, expected, "each once, first delivery, in order");
+    relay.shutdown().await.unwrap();
+}
