@@ -16,6 +16,7 @@ use crate::message::Outbound;
 use crate::outbox::CHANNEL;
 use crate::service::{EventService, Inner};
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, Row};
@@ -34,12 +35,8 @@ use uuid::Uuid;
 /// The advisory lock key the leader holds: "edupulse" in ASCII.
 const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
 
-/// The relay's own sessions: server-side keepalives and a user timeout; and commits
-/// that do not wait for the WAL flush, since every write of the relay can be lost in a
-/// crash without harm (a lost mark republishes into JetStream's duplicate window, a lost
-/// prune or idle flag is done again).
+/// The relay's own sessions: server-side keepalives and a user timeout.
 const SESSION_SETUP: &str = "\
-SET synchronous_commit = off;
 SET tcp_keepalives_idle = 10;
 SET tcp_keepalives_interval = 5;
 SET tcp_keepalives_count = 3;
@@ -304,6 +301,9 @@ async fn lead(
     // Writers notify only while the relay says it is idle.
     set_idle(conn, false).await?;
     let mut idle = false;
+    // The stream's last message, when known (after a batch that went through whole).
+    let mut tail: Option<Tail> = None;
+    let mut tail_failures: i32 = 0;
     loop {
         if *stop.borrow() {
             return Ok(Led::Stopped);
@@ -313,10 +313,15 @@ async fn lead(
         };
         if batch.is_empty() {
             if !idle {
-                // From now on writers notify. Look once more: writers that saw the
-                // relay busy did not notify, and the fence waits for any still open.
+                // From now on writers notify. Writers that saw the relay busy did not:
+                // they hold the outbox's lock from before they looked until they end,
+                // so wait for every one writing now, then look once more (the next
+                // fence is read after they have drawn their sequence numbers).
                 set_idle(conn, true).await?;
                 idle = true;
+                if wait_for_writers(conn, inner, stop, &mut given_up).await? {
+                    return Ok(Led::Stopped);
+                }
                 continue;
             }
             pruner.maybe_prune(conn, settings).await?;
@@ -352,9 +357,33 @@ async fn lead(
             first_seq = batch[0].seq,
             last_seq = batch[batch.len() - 1].seq
         );
-        let outcome = publish(inner, &batch, &state.sent)
+        let known_tail = match tail.take() {
+            Some(known) => known,
+            None => match read_tail(inner).instrument(span.clone()).await {
+                Ok(read) => {
+                    tail_failures = 0;
+                    read
+                }
+                Err(why) => {
+                    // NATS is out of reach: publishing would fail too.
+                    tail_failures = tail_failures.saturating_add(1);
+                    let delay = backoff(settings.retry_base, settings.retry_max, tail_failures);
+                    tracing::warn!(error = %why, retry_in = ?delay, "relay cannot read the stream; retrying");
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if !settings.yield_after.is_zero() && since.elapsed() >= settings.yield_after {
+                        return Ok(Led::Yielded);
+                    }
+                    if sleep_or_stop(stop, delay).await {
+                        return Ok(Led::Stopped);
+                    }
+                    continue;
+                }
+            },
+        };
+        let outcome = publish(inner, &batch, &known_tail, &state.sent)
             .instrument(span.clone())
             .await;
+        let whole = outcome.iter().all(Result::is_ok);
         if state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Led::Crashed);
         }
@@ -364,6 +393,12 @@ async fn lead(
         state
             .published
             .fetch_add(marked.published, Ordering::SeqCst);
+        if whole {
+            // Every event of the batch is in the stream, the last one last: JetStream
+            // stored each only right after its predecessor (or had it already, and then
+            // any later event it has is a later one of this same order).
+            tail = batch.last().map(|row| Tail::MsgId(row.id.to_string()));
+        }
         if marked.published > 0 || marked.retry_in.is_none() {
             failing_since = None;
         } else {
@@ -461,6 +496,50 @@ impl OutboxRow {
     }
 }
 
+/// Waits until every transaction writing the outbox now has ended (or has held its
+/// events longer than `order_wait_limit`); true if told to stop meanwhile.
+async fn wait_for_writers(
+    conn: &mut PgConnection,
+    inner: &Inner,
+    stop: &mut watch::Receiver<bool>,
+    given_up: &mut HashSet<String>,
+) -> Result<bool, sqlx::Error> {
+    let settings = &inner.config.relay;
+    let holders: Vec<String> = sqlx::query_scalar(HOLDERS).fetch_one(&mut *conn).await?;
+    given_up.retain(|vxid| holders.contains(vxid));
+    let mut waiting: Vec<String> = holders
+        .into_iter()
+        .filter(|vxid| !given_up.contains(vxid))
+        .collect();
+    if waiting.is_empty() {
+        return Ok(false);
+    }
+    let deadline = Instant::now() + settings.order_wait_limit;
+    let mut pause = Duration::from_micros(500);
+    loop {
+        let still: i64 = sqlx::query_scalar(STILL_HOLDING)
+            .bind(&waiting)
+            .fetch_one(&mut *conn)
+            .await?;
+        if still == 0 {
+            return Ok(false);
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                transactions = ?waiting,
+                "a transaction has held earlier outbox events uncommitted for longer than \
+                 order_wait_limit; publishing later events ahead of them"
+            );
+            given_up.extend(waiting.drain(..));
+            return Ok(false);
+        }
+        if sleep_or_stop(stop, pause).await {
+            return Ok(true);
+        }
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
 /// Reads the next batch up to the fence; `None` if told to stop while waiting.
 async fn fetch_batch(
     conn: &mut PgConnection,
@@ -472,37 +551,8 @@ async fn fetch_batch(
     let fence: i64 = sqlx::query_scalar("SELECT last_value FROM edupulse.outbox_seq_seq")
         .fetch_one(&mut *conn)
         .await?;
-    let holders: Vec<String> = sqlx::query_scalar(HOLDERS).fetch_one(&mut *conn).await?;
-    given_up.retain(|vxid| holders.contains(vxid));
-    let mut waiting: Vec<String> = holders
-        .into_iter()
-        .filter(|vxid| !given_up.contains(vxid))
-        .collect();
-    if !waiting.is_empty() {
-        let deadline = Instant::now() + settings.order_wait_limit;
-        let mut pause = Duration::from_micros(500);
-        loop {
-            let still: i64 = sqlx::query_scalar(STILL_HOLDING)
-                .bind(&waiting)
-                .fetch_one(&mut *conn)
-                .await?;
-            if still == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    transactions = ?waiting,
-                    "a transaction has held earlier outbox events uncommitted for longer than \
-                     order_wait_limit; publishing later events ahead of them"
-                );
-                given_up.extend(waiting.drain(..));
-                break;
-            }
-            if sleep_or_stop(stop, pause).await {
-                return Ok(None);
-            }
-            pause = (pause * 2).min(Duration::from_millis(20));
-        }
+    if wait_for_writers(conn, inner, stop, given_up).await? {
+        return Ok(None);
     }
     let rows = sqlx::query(READ_BATCH)
         .bind(fence)
@@ -547,11 +597,11 @@ fn classify(error: &PublishError) -> Failure {
     use std::error::Error as _;
     let message = error.to_string();
     match error.kind() {
-        // Only the relay's own chain sets an expected last message id.
-        PublishErrorKind::WrongLastMessageId => Failure::OutOfChain(message),
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastSequence => {
-            Failure::Permanent(message)
+        // Only the relay's own chain sets these expectations.
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            Failure::OutOfChain(message)
         }
+        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(message),
         PublishErrorKind::Other => {
             let api = error
                 .source()
@@ -569,25 +619,73 @@ fn classify(error: &PublishError) -> Failure {
 
 /// The header that makes JetStream store a message only right after the given one.
 const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
+/// The same, by the stream's last sequence (for a tail without a message id).
+const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+
+/// What the stream's last message is, as far as this relay knows: the predecessor the
+/// first message of the next batch names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tail {
+    /// The event with this id (its `Nats-Msg-Id`).
+    MsgId(String),
+    /// A message at this stream sequence without an id, or since removed.
+    Sequence(u64),
+    /// The stream has never held a message.
+    Empty,
+}
+
+/// Reads the stream's last message, to chain the next batch to it.
+async fn read_tail(inner: &Inner) -> Result<Tail, String> {
+    let mut stream = inner
+        .jetstream
+        .get_stream(&inner.config.stream)
+        .await
+        .map_err(|e| format!("cannot read the stream: {e}"))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the stream's state: {e}"))?
+        .state
+        .last_sequence;
+    if last == 0 {
+        return Ok(Tail::Empty);
+    }
+    match stream.get_raw_message(last).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|id| Tail::MsgId(id.as_str().to_owned()))
+            .unwrap_or(Tail::Sequence(last))),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+            Ok(Tail::Sequence(last))
+        }
+        Err(error) => Err(format!("cannot read the stream's last message: {error}")),
+    }
+}
 
 /// Publishes a batch, many acks in flight; one result per row, in order, for the rows
 /// up to the first that could not even be sent.
 ///
-/// Each message after the first names its predecessor in the batch as the stream's
-/// expected last message. Pipelining alone cannot keep order when the connection dies
-/// in the middle of a batch: the messages already written to the dead socket are lost,
-/// while the client sends the ones it still had queued on the next connection. With the
-/// chain, JetStream refuses those (`OutOfChain`), and they follow the lost ones when
-/// they are retried. JetStream checks `Nats-Msg-Id` first, so an event that is already
+/// Each message names its predecessor as the stream's expected last message: the
+/// previous event of the batch, and for the first, the stream's last message (`tail`).
+/// Pipelining alone cannot keep order when the connection dies in the middle of a
+/// batch: the messages already written to the dead socket are lost, while the client
+/// sends the ones it still had queued on the next connection. With the chain, JetStream
+/// refuses those (`OutOfChain`), and they follow the lost ones when they are retried.
+/// Chaining the first message too means a relay's stale queue (a relay cut off from
+/// NATS that has since yielded or lost the lead, whose client sends what it had queued
+/// when it reconnects, maybe past the duplicate window) cannot append old events
+/// behind newer ones. JetStream checks `Nats-Msg-Id` first, so an event that is already
 /// in the stream is acked as a duplicate whatever its predecessor.
 async fn publish(
     inner: &Inner,
     batch: &[OutboxRow],
+    tail: &Tail,
     sent_count: &AtomicU64,
 ) -> Vec<Result<(), Failure>> {
     let prefix = &inner.config.subject_prefix;
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
-    let mut previous: Option<String> = None;
+    let mut previous = tail.clone();
     for row in batch {
         let mut headers = match row.envelope().header_map() {
             Ok(headers) => headers,
@@ -596,8 +694,12 @@ async fn publish(
                 continue;
             }
         };
-        if let Some(previous) = &previous {
-            headers.insert(EXPECTED_LAST_MSG_ID, previous.as_str());
+        match &previous {
+            Tail::MsgId(id) => headers.insert(EXPECTED_LAST_MSG_ID, id.as_str()),
+            Tail::Sequence(sequence) => {
+                headers.insert(EXPECTED_LAST_SEQUENCE, sequence.to_string().as_str())
+            }
+            Tail::Empty => {}
         }
         let subject = format!("{prefix}.{}", row.subject);
         let payload = Bytes::from(row.payload.clone().into_bytes());
@@ -608,7 +710,7 @@ async fn publish(
         {
             Ok(ack) => {
                 sent_count.fetch_add(1, Ordering::Relaxed);
-                previous = Some(row.id.to_string());
+                previous = Tail::MsgId(row.id.to_string());
                 sent.push(Ok(ack));
             }
             Err(error) => {

@@ -50,32 +50,43 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
         }))
         .await;
 
-    // One transaction, so that the relay takes all of it as one batch: 2,000 events of
-    // 16 KiB, 32 MiB in all.
+    // A first event, so that the relay has published and knows the stream's tail:
+    // the batch then goes out at once, without reading the stream first.
+    let relay = service.start_relay();
+    let mut ids = vec![service
+        .emit(Bulky {
+            lane: 0,
+            counter: 0,
+            filler: String::new(),
+        })
+        .await
+        .expect("emit")];
+    wait_for(Duration::from_secs(30), "the first event", || async {
+        relay.published() == 1
+    })
+    .await;
+
+    // Stall the relay's way to NATS: its publishes fill the proxy and the kernel's
+    // buffers, the rest wait in the client. One transaction, so that the relay takes
+    // all of it as one batch: 2,000 events of 16 KiB, 32 MiB in all.
+    proxy.stall(Direction::ToServer);
     let filler = "x".repeat(16 * 1024);
-    let events: Vec<Bulky> = (0..EVENTS)
+    let events: Vec<Bulky> = (1..=EVENTS)
         .map(|counter| Bulky {
             lane: counter % 4,
             counter,
             filler: filler.clone(),
         })
         .collect();
-    let ids = service.emit_all(events).await.expect("emit the batch");
-
-    // Stall the relay's way to NATS before it starts: its first publishes fill the
-    // proxy and the kernel's buffers, the rest wait in the client.
-    proxy.stall(Direction::ToServer);
-    let relay = service.start_relay();
+    ids.extend(service.emit_all(events).await.expect("emit the batch"));
     wait_for(
-        Duration::from_secs(30),
-        "the relay to take the lead",
-        || async { relay.is_leader() },
+        Duration::from_secs(60),
+        "the relay to send half the batch into the stalled connection",
+        || async { relay.sent() > 1 + u64::from(EVENTS) / 2 },
     )
     .await;
-    // Fault timing, not a condition: give the relay time to write into the stalled
-    // connection, then cut it. What was in the buffers is lost; the rest goes out on
-    // the next connection.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Cut it: what was in the buffers is lost; the rest goes out on the next
+    // connection.
     proxy.reset_all();
     proxy.release();
 
@@ -121,14 +132,19 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
         yield_after: Duration::from_secs(2),
         ..TestEnv::fast_relay()
     };
+    // A short duplicate window, so that A's stale publishes can outlive it.
+    let window = Duration::from_secs(1);
     let a = env
         .service_with(
             env.config()
                 .nats_url(format!("nats://{}", proxy.addr()))
+                .duplicate_window(window)
                 .relay(settings.clone()),
         )
         .await;
-    let b = env.service_with(env.config().relay(settings)).await;
+    let b = env
+        .service_with(env.config().duplicate_window(window).relay(settings))
+        .await;
     let relay_a = a.start_relay();
     wait_for(Duration::from_secs(30), "A to lead", || async {
         relay_a.is_leader()
@@ -180,8 +196,34 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
     let js = env.jetstream().await;
     let got = env.stream_ids(&js).await;
     assert_eq!(got, ids, "every event once, in sequence order");
+
+    // A's connection comes back after the duplicate window has passed: its client
+    // sends the publishes it held, for events B has published since. Chained to the
+    // stream's tail as A knew it, JetStream refuses them; unchained, they would be
+    // stored again, behind newer events.
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
     proxy.release();
     proxy.refuse(false);
+    let client = a.jetstream().client();
+    wait_for(
+        Duration::from_secs(30),
+        "A's client to reconnect",
+        || async { client.connection_state() == async_nats::connection::State::Connected },
+    )
+    .await;
+    // Everything A's client had queued is now processed by the server.
+    client.flush().await.expect("flush A's client");
+    let mut stream = a
+        .jetstream()
+        .get_stream(&env.stream)
+        .await
+        .expect("stream via A");
+    stream.info().await.expect("stream info via A");
+    assert_eq!(
+        env.stream_ids(&js).await,
+        ids,
+        "A's stale publishes were refused"
+    );
     relay_a.shutdown().await.expect("A shutdown");
     relay_b.shutdown().await.expect("B shutdown");
 }
