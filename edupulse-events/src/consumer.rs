@@ -744,6 +744,18 @@ fn catch_up_limit(ack_wait: Duration) -> Duration {
     ack_wait + (ack_wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
+/// The stream sequence up to which everything delivered to the group is acked. A group
+/// that started at new messages (or on a purged stream) reports an ack floor of 0 below
+/// a delivered sequence it never delivered; with nothing awaiting an ack, the
+/// delivered sequence is the floor.
+fn acked_through(info: &consumer::Info) -> u64 {
+    if info.num_ack_pending == 0 {
+        info.delivered.stream_sequence
+    } else {
+        info.ack_floor.stream_sequence
+    }
+}
+
 /// Keeps the handled order of a group across the death of one of its instances.
 ///
 /// The messages delivered to an instance that died stay pending on the server until
@@ -787,23 +799,25 @@ impl Gate {
     /// group's state read before pulling; without it, catches up to the limit.
     fn arm(&mut self, info: Option<&consumer::Info>, ack_wait: Duration) {
         let (mark, floor) = match info {
-            Some(info) => (
-                info.delivered.stream_sequence,
-                info.ack_floor.stream_sequence,
-            ),
+            Some(info) => (info.delivered.stream_sequence, acked_through(info)),
             None => (u64::MAX, 0),
         };
         if floor >= mark && !self.catching_up() {
             return;
         }
         if self.catching_up() {
+            // A restart while catching up: the limit runs on, unless more has been
+            // delivered meanwhile (to an instance that may have died since).
+            if mark > self.mark {
+                self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
+            }
             self.mark = self.mark.max(mark);
             self.through = self.through.max(floor);
         } else {
             self.mark = mark;
             self.through = floor;
+            self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
         }
-        self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
         tracing::info!(
             mark = self.mark,
             ack_floor = floor,
@@ -987,7 +1001,7 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
                 _ = ctx.crash.notified() => Woke::Stop,
                 _ = poll.tick(), if gate.catching_up() => {
                     match consumer.get_info().await {
-                        Ok(info) => gate.observe_floor(info.ack_floor.stream_sequence),
+                        Ok(info) => gate.observe_floor(acked_through(&info)),
                         Err(error) => {
                             tracing::debug!(%error, "cannot read the group's ack floor");
                             gate.check_done();
@@ -1264,7 +1278,14 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
             return;
         }
         Parsed::Dead(reason, why) => {
-            dead_letter(ctx, message, reason, &why, None, delivered, sequence).await;
+            let record = DeadRecord {
+                reason,
+                why: &why,
+                envelope: None,
+                deliveries: delivered,
+                sequence,
+            };
+            dead_letter(ctx, message, stop, record).await;
             return;
         }
         Parsed::Event(route, envelope) => (route, envelope),
@@ -1282,11 +1303,14 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                 dead_letter(
                     ctx,
                     message,
-                    DeadReason::Undecodable,
-                    &why,
-                    Some(&envelope),
-                    attempt,
-                    sequence,
+                    stop,
+                    DeadRecord {
+                        reason: DeadReason::Undecodable,
+                        why: &why,
+                        envelope: Some(&envelope),
+                        deliveries: attempt,
+                        sequence,
+                    },
                 )
                 .await;
                 return;
@@ -1336,11 +1360,14 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                     dead_letter(
                         ctx,
                         message,
-                        DeadReason::HandlerFailed,
-                        &why,
-                        Some(&envelope),
-                        attempt,
-                        sequence,
+                        stop,
+                        DeadRecord {
+                            reason: DeadReason::HandlerFailed,
+                            why: &why,
+                            envelope: Some(&envelope),
+                            deliveries: attempt,
+                            sequence,
+                        },
                     )
                     .await;
                     return;
@@ -1460,17 +1487,32 @@ async fn ack(message: &Message) {
     }
 }
 
+/// What the dead-letter table records about a message.
+struct DeadRecord<'a> {
+    reason: DeadReason,
+    why: &'a str,
+    envelope: Option<&'a Envelope>,
+    deliveries: u32,
+    sequence: u64,
+}
+
 /// Records a message in the dead-letter table, then terminates it. If the record
-/// cannot be written, the message is handed back for a later try instead.
+/// cannot be written, it is tried again in the lane, with backoff and progress (later
+/// events of the subject wait behind it), until it is written or the instance stops
+/// (the message is then handed back).
 async fn dead_letter(
     ctx: &Ctx,
     message: &Message,
-    reason: DeadReason,
-    why: &str,
-    envelope: Option<&Envelope>,
-    deliveries: u32,
-    sequence: u64,
+    stop: &mut watch::Receiver<bool>,
+    record: DeadRecord<'_>,
 ) {
+    let DeadRecord {
+        reason,
+        why,
+        envelope,
+        deliveries,
+        sequence,
+    } = record;
     let headers: serde_json::Map<String, serde_json::Value> = message
         .headers
         .as_ref()
@@ -1483,46 +1525,58 @@ async fn dead_letter(
                 .collect()
         })
         .unwrap_or_default();
-    let written = sqlx::query(
-        "INSERT INTO edupulse.dead_letters
-            (consumer_group, reason, error, event_id, event_name, subject, stream_sequence,
-             deliveries, headers, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(&ctx.group)
-    .bind(reason.as_str())
-    .bind(why)
-    .bind(envelope.map(|e| e.id))
-    .bind(
-        envelope
-            .map(|e| e.name.as_str())
-            .or(header(message, headers::TYPE)),
-    )
-    .bind(message.subject.as_str())
-    .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
-    .bind(i32::try_from(deliveries).unwrap_or(i32::MAX))
-    .bind(serde_json::Value::Object(headers))
-    .bind(message.payload.as_ref())
-    .execute(&ctx.inner.pool)
-    .await;
-    match written {
-        Ok(_) => {
-            ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
-            tracing::error!(
-                group = %ctx.group, reason = reason.as_str(), subject = %message.subject,
-                error = %why, "message moved to the dead-letter table"
-            );
-            if let Err(error) = message.ack_with(AckKind::Term).await {
-                tracing::warn!(%error, "could not terminate a dead-lettered message");
+    let mut failures: i32 = 0;
+    loop {
+        let written = sqlx::query(
+            "INSERT INTO edupulse.dead_letters
+                (consumer_group, reason, error, event_id, event_name, subject, stream_sequence,
+                 deliveries, headers, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&ctx.group)
+        .bind(reason.as_str())
+        .bind(why)
+        .bind(envelope.map(|e| e.id))
+        .bind(
+            envelope
+                .map(|e| e.name.as_str())
+                .or(header(message, headers::TYPE)),
+        )
+        .bind(message.subject.as_str())
+        .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+        .bind(i32::try_from(deliveries).unwrap_or(i32::MAX))
+        .bind(serde_json::Value::Object(headers.clone()))
+        .bind(message.payload.as_ref())
+        .execute(&ctx.inner.pool)
+        .await;
+        match written {
+            Ok(_) => {
+                ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(
+                    group = %ctx.group, reason = reason.as_str(), subject = %message.subject,
+                    error = %why, "message moved to the dead-letter table"
+                );
+                if let Err(error) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(%error, "could not terminate a dead-lettered message");
+                }
+                return;
             }
-        }
-        Err(error) => {
-            tracing::error!(
-                %error, group = %ctx.group,
-                "cannot write the dead-letter record; the message will be redelivered"
-            );
-            let delay = ctx.settings.retry_max;
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let delay = crate::relay::backoff(
+                    ctx.settings.retry_base,
+                    ctx.settings.retry_max,
+                    failures,
+                );
+                tracing::error!(
+                    %error, group = %ctx.group, retry_in = ?delay,
+                    "cannot write the dead-letter record; trying again (later events of the \
+                     subject wait)"
+                );
+                if wait_in_lane(ctx, message, stop, delay).await {
+                    return;
+                }
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! dead letters, shutdown under load, and two instances sharing a group.
 
 use edupulse_events::{
-    ConsumerSettings, DomainEvent, EventService, HandlerError, Received, RelayHandle,
+    ConsumerSettings, DomainEvent, EventService, HandlerError, Received, RelayHandle, StartFrom,
 };
 use edupulse_events_tests::{wait_for, TestEnv};
 use serde::{Deserialize, Serialize};
@@ -961,5 +961,49 @@ async fn events_waiting_in_a_lane_longer_than_ack_wait_are_not_redelivered() {
     let calls = calls.lock().unwrap().clone();
     let expected: Vec<(i64, u32)> = (0..30).map(|lesson_id| (lesson_id, 1)).collect();
     assert_eq!(calls, expected, "each once, first delivery, in order");
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_group_starting_at_new_events_handles_them_at_once() {
+    let Setup {
+        service,
+        relay,
+        env,
+    } = setup().await;
+    service
+        .emit_all((0..10).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    let js = env.jetstream().await;
+    wait_for(WAIT, "the earlier events in the stream", || async {
+        env.stream_len(&js).await == 10
+    })
+    .await;
+    // The server reports such a group as delivered up to the stream's end with an ack
+    // floor of 0: nothing is waiting for an ack, so there is nothing to wait for.
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let late = start_recording(
+        &service,
+        ConsumerSettings {
+            start_from: StartFrom::New,
+            ack_wait: Duration::from_secs(20),
+            ..fast()
+        },
+        calls.clone(),
+    )
+    .await;
+    service
+        .emit(LessonPublished { lesson_id: 10 })
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the new event, well before ack_wait (20 s)",
+        || async { late.handled() == 1 },
+    )
+    .await;
+    assert_eq!(*calls.lock().unwrap(), vec![10]);
+    late.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
