@@ -9,6 +9,7 @@
 //! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
+mod profile;
 mod raw;
 mod stages;
 
@@ -84,7 +85,7 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // The relay child of the memory figure.
     if args.get(1).map(String::as_str) == Some("--relay-child") {
-        return stages::relay_child();
+        return stages::relay_child(args.get(2).map(String::as_str));
     }
     let scale = if args.iter().any(|a| a == "--quick") {
         Scale::quick()

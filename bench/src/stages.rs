@@ -37,11 +37,14 @@ fn event(seq: u64) -> QuizSubmitted {
 }
 
 fn raw_row(seq: u64) -> Result<RawRow, Error> {
-    let e = event(seq);
+    raw_row_of(&event(seq))
+}
+
+fn raw_row_of(e: &QuizSubmitted) -> Result<RawRow, Error> {
     Ok(RawRow {
         id: Uuid::now_v7(),
         subject: e.subject()?,
-        payload: serde_json::to_string(&e)?,
+        payload: serde_json::to_string(e)?,
         occurred_at: time::OffsetDateTime::now_utc(),
     })
 }
@@ -58,29 +61,55 @@ fn nats_url() -> String {
 }
 
 /// The bench's own database, stream and prefix; removed by `cleanup`.
+#[derive(Clone)]
 struct Env {
     db: String,
     url: String,
     prefix: String,
     stream: String,
+    /// Every stream made for this run (see `Env::fresh_stream`), for the cleanup.
+    streams: Arc<Mutex<Vec<String>>>,
 }
 
 impl Env {
     async fn create() -> Result<Env, Error> {
         let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
         let db = format!("edupulse_bench_{id}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
+        let mut admin = bounded(
+            "setup",
+            "connecting to the admin database",
+            Duration::from_secs(30),
+            None,
+            async { Ok(sqlx::PgConnection::connect(&admin_url()).await?) },
+        )
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
             .execute(&mut admin)
             .await?;
+        let _ = admin.close().await;
         let base = admin_url();
         let cut = base.rfind('/').ok_or("admin URL has no database")?;
+        let stream = format!("BENCH_{}", id.to_uppercase());
         Ok(Env {
             url: format!("{}/{db}", &base[..cut]),
             db,
             prefix: format!("bench{id}"),
-            stream: format!("BENCH_{}", id.to_uppercase()),
+            streams: Arc::new(Mutex::new(vec![stream.clone()])),
+            stream,
         })
+    }
+
+    /// The same database with a stream and subject prefix of its own, so that a
+    /// measurement starts on an empty stream (a consumer group created on a stream that
+    /// already holds messages waits first: see BENCHMARKS.md).
+    fn fresh_stream(&self, tag: &str) -> Env {
+        let mut env = self.clone();
+        env.prefix = format!("{}{}", self.prefix, tag.to_lowercase());
+        env.stream = format!("{}_{}", self.stream, tag.to_uppercase());
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.push(env.stream.clone());
+        }
+        env
     }
 
     fn config(&self) -> edupulse_events::ConfigBuilder {
@@ -99,16 +128,58 @@ impl Env {
         Ok(service)
     }
 
-    async fn cleanup(&self, js: &jetstream::Context) {
-        let _ = js.delete_stream(&self.stream).await;
-        if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+    /// Deletes the stream (if `js` is given) and drops the database, whatever state
+    /// they are in; says what it could not remove.
+    async fn cleanup(&self, js: Option<&jetstream::Context>) {
+        let streams = self.streams.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(js) = js {
+            for stream in &streams {
+                delete_stream(js, stream).await;
+            }
+        }
+        let dropped = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db
             )))
             .execute(&mut admin)
-            .await;
+            .await?;
+            let _ = admin.close().await;
+            Ok::<(), sqlx::Error>(())
+        })
+        .await;
+        match dropped {
+            Ok(Ok(())) => eprintln!(
+                "cleanup: removed database {} and streams {}",
+                self.db,
+                streams.join(", ")
+            ),
+            Ok(Err(error)) => eprintln!("cleanup: cannot drop database {}: {error}", self.db),
+            Err(_) => eprintln!(
+                "cleanup: dropping database {} did not finish within 30 s",
+                self.db
+            ),
         }
+    }
+}
+
+/// Deletes a stream if it exists; says so when it cannot.
+async fn delete_stream(js: &jetstream::Context, stream: &str) {
+    match tokio::time::timeout(Duration::from_secs(10), js.delete_stream(stream)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            // A stage that failed early never created it.
+            let missing = matches!(
+                error.kind(),
+                jetstream::context::DeleteStreamErrorKind::JetStream(ref api)
+                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            );
+            if !missing {
+                eprintln!("cleanup: cannot delete stream {stream}: {error}");
+            }
+        }
+        Err(_) => eprintln!("cleanup: deleting stream {stream} did not finish within 10 s"),
     }
 }
 
@@ -132,50 +203,225 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs every stage (or the one named by `--only`).
+/// How often a long wait says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `work` for at most `limit`. Every `PROGRESS_EVERY` it prints how far `progress`
+/// (a counter and its target) got; past the limit it gives up with an error that names
+/// the stage, what it waited for and how far it got, rather than hang.
+async fn bounded<T, F>(
+    stage: &str,
+    what: &str,
+    limit: Duration,
+    progress: Option<(&AtomicU64, u64)>,
+    work: F,
+) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, Error>>,
+{
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(work, deadline);
+    // A wait with a counter reports often; a whole stage only now and then.
+    let every = if progress.is_some() {
+        PROGRESS_EVERY
+    } else {
+        PROGRESS_EVERY * 12
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let so_far = |progress: Option<(&AtomicU64, u64)>| match progress {
+        Some((done, target)) => format!(" ({} of {target} done)", done.load(Ordering::Relaxed)),
+        None => String::new(),
+    };
+    loop {
+        tokio::select! {
+            result = &mut work => {
+                return result.map_err(|e| {
+                    let e = e.to_string();
+                    if e.starts_with("stage ") {
+                        e.into()
+                    } else {
+                        format!("stage {stage}: {what}: {e}").into()
+                    }
+                });
+            }
+            _ = &mut deadline => {
+                return Err(format!(
+                    "stage {stage}: {what} did not finish within {limit:?}{}",
+                    so_far(progress)
+                )
+                .into());
+            }
+            _ = ticker.tick() => {
+                eprintln!(
+                    "  [{stage}] {what}: still waiting after {:.0?}{}",
+                    started.elapsed(),
+                    so_far(progress)
+                );
+            }
+        }
+    }
+}
+
+/// Waits until `counter` reaches `target`, polling every 2 ms, at most `limit`; returns
+/// the time it took.
+async fn wait_for_count(
+    stage: &str,
+    what: &str,
+    limit: Duration,
+    target: u64,
+    counter: impl Fn() -> u64,
+) -> Result<Duration, Error> {
+    let started = Instant::now();
+    let seen = AtomicU64::new(0);
+    bounded(stage, what, limit, Some((&seen, target)), async {
+        loop {
+            let now = counter();
+            seen.store(now, Ordering::Relaxed);
+            if now >= target {
+                return Ok(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+}
+
+/// Aborts a spawned task when dropped, so a failed stage leaves no task behind.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Ends when the process is told to stop (Ctrl-C, SIGTERM, SIGHUP); names the signal.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// Runs every stage (or the one named by `--only`), then removes the database and the
+/// stream, also when a stage fails, panics or the process is interrupted.
 pub async fn run_all(scale: Scale, only: Option<String>) -> Result<Vec<Figure>, Error> {
     let env = Env::create().await?;
-    let client = async_nats::connect(nats_url()).await?;
+    eprintln!(
+        "database {}, stream {}, subject prefix {}",
+        env.db, env.stream, env.prefix
+    );
+    let client = match bounded(
+        "setup",
+        "connecting to NATS",
+        Duration::from_secs(30),
+        None,
+        async { Ok(async_nats::connect(nats_url()).await?) },
+    )
+    .await
+    {
+        Ok(client) => client,
+        Err(error) => {
+            env.cleanup(None).await;
+            return Err(error);
+        }
+    };
     let js = jetstream::new(client);
-    let result = run_stages(&env, &js, scale, only).await;
-    env.cleanup(&js).await;
+    // In a task of its own, so that a panic in a stage still reaches the cleanup.
+    let mut stages = AbortOnDrop(tokio::spawn(run_stages(
+        env.clone(),
+        js.clone(),
+        scale,
+        only,
+    )));
+    let result = tokio::select! {
+        joined = &mut stages.0 => {
+            joined.unwrap_or_else(|e| Err(format!("a stage panicked: {e}").into()))
+        }
+        signal = interrupted() => Err(format!("interrupted by {signal}").into()),
+    };
+    // Stops whatever the stages left running before the database goes.
+    drop(stages);
+    env.cleanup(Some(&js)).await;
     result
 }
 
+/// The longest each stage may take as a whole, full scale; a hang becomes an error.
+fn stage_budget(stage: &str) -> Duration {
+    Duration::from_secs(match stage {
+        "emit" => 300,
+        "batch" => 120,
+        "relay" => 420,
+        "e2e" => 300,
+        "consume" => 300,
+        "memory" => 900,
+        "profile" => 600,
+        _ => 300,
+    })
+}
+
 async fn run_stages(
-    env: &Env,
-    js: &jetstream::Context,
+    env: Env,
+    js: jetstream::Context,
     scale: Scale,
     only: Option<String>,
 ) -> Result<Vec<Figure>, Error> {
-    let wants = |stage: &str| only.as_deref().is_none_or(|o| o == stage);
+    if let Some(o) = only.as_deref() {
+        if ![
+            "emit", "batch", "relay", "e2e", "consume", "memory", "profile",
+        ]
+        .contains(&o)
+        {
+            return Err(format!(
+                "unknown stage {o:?}; use emit, batch, relay, e2e, consume, memory or profile"
+            )
+            .into());
+        }
+    }
+    // The profile explains figures; it runs only when asked for.
+    let wants = |stage: &str| match only.as_deref() {
+        None => stage != "profile",
+        Some(o) => o == stage,
+    };
+    let (env, js) = (&env, &js);
     let mut figures = Vec::new();
-    let with_notify = env.service(true, RelaySettings::default()).await?;
-    let without_notify = env.service(false, RelaySettings::default()).await?;
-    if wants("emit") {
-        eprintln!("emit ...");
-        figures.extend(emit(&with_notify, &without_notify, scale).await?);
+    let run_started = Instant::now();
+    macro_rules! stage {
+        ($name:literal, $work:expr) => {
+            if wants($name) {
+                eprintln!("{} ... (at {:.1?})", $name, run_started.elapsed());
+                let started = Instant::now();
+                let budget = stage_budget($name);
+                figures.extend(bounded($name, "the stage", budget, None, $work).await?);
+                eprintln!("{} done in {:.1?}", $name, started.elapsed());
+            }
+        };
     }
-    if wants("batch") {
-        eprintln!("batch emit ...");
-        figures.extend(batch(&with_notify, scale).await?);
-    }
-    if wants("relay") {
-        eprintln!("relay ...");
-        figures.extend(relay(env, js, scale).await?);
-    }
-    if wants("e2e") {
-        eprintln!("end to end ...");
-        figures.extend(end_to_end(env, js, scale).await?);
-    }
-    if wants("consume") {
-        eprintln!("consume ...");
-        figures.extend(consume(env, js, scale).await?);
-    }
-    if wants("memory") {
-        eprintln!("memory ...");
-        figures.extend(memory(env, scale).await?);
-    }
+    stage!("emit", async {
+        let with_notify = env.service(true, RelaySettings::default()).await?;
+        let without_notify = env.service(false, RelaySettings::default()).await?;
+        emit(&with_notify, &without_notify, scale).await
+    });
+    stage!("batch", async {
+        let service = env.service(true, RelaySettings::default()).await?;
+        batch(&service, scale).await
+    });
+    stage!("relay", relay(env, js, scale));
+    stage!("e2e", end_to_end(env, js, scale));
+    stage!("consume", consume(env, js, scale));
+    stage!("memory", memory(env, scale));
+    stage!("profile", profile(env, js, scale));
+    eprintln!("all stages done in {:.1?}", run_started.elapsed());
     Ok(figures)
 }
 
@@ -203,6 +449,11 @@ where
     Ok(started.elapsed())
 }
 
+/// Rounds per emit measurement; each round runs raw, with notify and without notify
+/// once, in a rotating order, and the median round is reported, so that a burst of
+/// load from elsewhere on the machine skews one round, not the figure.
+const EMIT_ROUNDS: usize = 10;
+
 async fn emit(
     notify: &EventService,
     quiet: &EventService,
@@ -210,39 +461,60 @@ async fn emit(
 ) -> Result<Vec<Figure>, Error> {
     let mut figures = Vec::new();
     for writers in [1usize, 8] {
-        let per_writer = scale.emits / writers;
+        let per_writer = (scale.emits / EMIT_ROUNDS / writers).max(1);
         let n = (per_writer * writers) as f64;
-        let (mut raw_t, mut ours_t, mut quiet_t) = (Vec::new(), Vec::new(), Vec::new());
-        for _round in 0..3 {
+        // [raw, with notify, without notify]
+        let mut times: [Vec<f64>; 3] = Default::default();
+        for round in 0..EMIT_ROUNDS {
             truncate(notify.pool()).await?;
-            let pool = notify.pool().clone();
-            let t = time_writers(writers, per_writer, move |seq| {
-                let pool = pool.clone();
-                async move {
-                    let row = raw_row(seq)?;
-                    raw::insert_one(&pool, QuizSubmitted::NAME, SOURCE, &row).await?;
-                    Ok(())
-                }
-            })
-            .await?;
-            raw_t.push(t.as_secs_f64() / n);
-
-            for (service, out) in [(notify, &mut ours_t), (quiet, &mut quiet_t)] {
-                truncate(service.pool()).await?;
-                let s = service.clone();
-                let t = time_writers(writers, per_writer, move |seq| {
-                    let s = s.clone();
-                    async move {
-                        let mut tx = s.pool().begin().await?;
-                        s.emit_in(&mut tx, event(seq)).await?;
-                        tx.commit().await?;
-                        Ok(())
+            for k in 0..3 {
+                let variant = (round + k) % 3;
+                let t = match variant {
+                    0 => {
+                        let pool = notify.pool().clone();
+                        time_writers(writers, per_writer, move |seq| {
+                            let pool = pool.clone();
+                            async move {
+                                let row = raw_row(seq)?;
+                                raw::insert_one(&pool, QuizSubmitted::NAME, SOURCE, &row).await?;
+                                Ok(())
+                            }
+                        })
+                        .await?
                     }
-                })
-                .await?;
-                out.push(t.as_secs_f64() / n);
+                    _ => {
+                        let s = if variant == 1 { notify } else { quiet }.clone();
+                        time_writers(writers, per_writer, move |seq| {
+                            let s = s.clone();
+                            async move {
+                                let mut tx = s.pool().begin().await?;
+                                s.emit_in(&mut tx, event(seq)).await?;
+                                tx.commit().await?;
+                                Ok(())
+                            }
+                        })
+                        .await?
+                    }
+                };
+                times[variant].push(t.as_secs_f64() / n);
             }
         }
+        eprintln!(
+            "  [emit] {writers} writer(s), µs/event per round: raw {:?}, notify {:?}, quiet {:?}",
+            times[0]
+                .iter()
+                .map(|t| (t * 1e6) as u32)
+                .collect::<Vec<_>>(),
+            times[1]
+                .iter()
+                .map(|t| (t * 1e6) as u32)
+                .collect::<Vec<_>>(),
+            times[2]
+                .iter()
+                .map(|t| (t * 1e6) as u32)
+                .collect::<Vec<_>>(),
+        );
+        let [raw_t, ours_t, quiet_t] = times;
         let (raw_s, ours_s, quiet_s) = (median(raw_t), median(ours_t), median(quiet_t));
         figures.push(Figure {
             name: format!("emit_in, {writers} writer(s), with notify: time per event"),
@@ -277,18 +549,33 @@ async fn batch(service: &EventService, scale: Scale) -> Result<Vec<Figure>, Erro
     let (mut raw_t, mut ours_t) = (Vec::new(), Vec::new());
     for round in 0..scale.batches {
         let base = (round * 500) as u64;
-        let rows: Vec<RawRow> = (0..500)
-            .map(|i| raw_row(base + i))
-            .collect::<Result<_, _>>()?;
+        let raw_events: Vec<QuizSubmitted> = (0..500).map(|i| event(base + i)).collect();
         let events: Vec<QuizSubmitted> = (0..500).map(|i| event(base + i)).collect();
-        let started = Instant::now();
-        raw::insert_many(service.pool(), QuizSubmitted::NAME, SOURCE, &rows).await?;
-        raw_t.push(started.elapsed().as_secs_f64());
-        let started = Instant::now();
-        let mut tx = service.pool().begin().await?;
-        service.emit_all_in(&mut tx, events).await?;
-        tx.commit().await?;
-        ours_t.push(started.elapsed().as_secs_f64());
+        // Both sides start from the same structs and encode them inside the timer; they
+        // take turns going first, so neither always inserts into the larger table.
+        let raw = async {
+            let started = Instant::now();
+            let rows: Vec<RawRow> = raw_events
+                .iter()
+                .map(raw_row_of)
+                .collect::<Result<_, _>>()?;
+            raw::insert_many(service.pool(), QuizSubmitted::NAME, SOURCE, &rows).await?;
+            Ok::<f64, Error>(started.elapsed().as_secs_f64())
+        };
+        let ours = async {
+            let started = Instant::now();
+            let mut tx = service.pool().begin().await?;
+            service.emit_all_in(&mut tx, events).await?;
+            tx.commit().await?;
+            Ok::<f64, Error>(started.elapsed().as_secs_f64())
+        };
+        if round % 2 == 0 {
+            raw_t.push(raw.await?);
+            ours_t.push(ours.await?);
+        } else {
+            ours_t.push(ours.await?);
+            raw_t.push(raw.await?);
+        }
         if round % 10 == 9 {
             truncate(service.pool()).await?;
         }
@@ -305,13 +592,31 @@ async fn batch(service: &EventService, scale: Scale) -> Result<Vec<Figure>, Erro
     }])
 }
 
-async fn prefill(service: &EventService, n: usize) -> Result<(), Error> {
-    let mut seq = 0u64;
-    while (seq as usize) < n {
-        let chunk = 5_000.min(n - seq as usize) as u64;
-        service.emit_all((seq..seq + chunk).map(event)).await?;
-        seq += chunk;
-    }
+async fn prefill(stage: &str, service: &EventService, n: usize) -> Result<(), Error> {
+    let started = Instant::now();
+    let done = AtomicU64::new(0);
+    let limit = Duration::from_secs(60 + n as u64 / 2_000);
+    bounded(
+        stage,
+        "pre-filling the outbox",
+        limit,
+        Some((&done, n as u64)),
+        async {
+            let mut seq = 0u64;
+            while (seq as usize) < n {
+                let chunk = 5_000.min(n - seq as usize) as u64;
+                service.emit_all((seq..seq + chunk).map(event)).await?;
+                seq += chunk;
+                done.store(seq, Ordering::Relaxed);
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    eprintln!(
+        "  [{stage}] pre-filled {n} events in {:.1?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -330,39 +635,98 @@ fn raw_messages(prefix: &str, tag: &str, n: usize) -> Result<Vec<RawMessage>, Er
         .collect()
 }
 
-async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
-    let service = env.service(true, RelaySettings::default()).await?;
+/// Drains `n` pre-filled events with a relay of these settings; returns the seconds
+/// from `start_relay` until the relay has marked the last one.
+async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Result<f64, Error> {
+    let service = env.service(true, settings).await?;
     truncate(service.pool()).await?;
-    prefill(&service, scale.relay_events).await?;
-    let started = Instant::now();
+    prefill("relay", &service, n).await?;
     let relay = service.start_relay();
-    while pending(service.pool()).await? > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // The relay's own counter: polling count(*) over the outbox would load the Postgres
+    // the relay is measured against.
+    let limit = Duration::from_secs(60 + n as u64 / 500);
+    let took = wait_for_count(
+        "relay",
+        &format!("{label}: relay draining the outbox"),
+        limit,
+        n as u64,
+        || relay.published(),
+    )
+    .await;
+    let took = match took {
+        Ok(took) => took,
+        Err(error) => {
+            let left = pending(service.pool()).await.unwrap_or(-1);
+            let _ = tokio::time::timeout(Duration::from_secs(10), relay.shutdown()).await;
+            return Err(
+                format!("{error}; {left} events still pending, relay leader: see above").into(),
+            );
+        }
+    };
+    bounded(
+        "relay",
+        "relay shutdown",
+        Duration::from_secs(30),
+        None,
+        async { Ok(relay.shutdown().await?) },
+    )
+    .await?;
+    let left = pending(service.pool()).await?;
+    if left != 0 {
+        return Err(format!("stage relay: {left} events still pending after the drain").into());
     }
-    let ours = started.elapsed().as_secs_f64();
-    relay.shutdown().await?;
+    eprintln!(
+        "  [relay] {label}: drained {n} in {:.2?} ({:.0} events/s)",
+        took,
+        n as f64 / took.as_secs_f64()
+    );
     truncate(service.pool()).await?;
+    Ok(took.as_secs_f64())
+}
 
-    let messages = raw_messages(&env.prefix, "rawpipe", scale.relay_events)?;
+async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
+    let n = scale.relay_events;
+    let ours = drain(env, n, RelaySettings::default(), "default settings").await?;
+    let big = RelaySettings {
+        batch_size: 4_000,
+        ..RelaySettings::default()
+    };
+    let ours_big = drain(env, n, big, "batch_size 4000").await?;
+
+    let messages = raw_messages(&env.prefix, "rawpipe", n)?;
+    let acked = AtomicU64::new(0);
     let started = Instant::now();
-    raw::publish_pipelined(js, messages).await?;
+    bounded(
+        "relay",
+        "raw pipelined publishing",
+        Duration::from_secs(60 + n as u64 / 500),
+        Some((&acked, n as u64)),
+        async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
+    )
+    .await?;
     let pipelined = started.elapsed().as_secs_f64();
+    eprintln!("  [relay] raw pipelined: {n} in {pipelined:.2} s");
 
     let messages = raw_messages(&env.prefix, "rawseq", scale.sequential_publishes)?;
+    let acked = AtomicU64::new(0);
     let started = Instant::now();
-    raw::publish_sequential(js, messages).await?;
+    bounded(
+        "relay",
+        "raw publishing one ack at a time",
+        Duration::from_secs(60 + scale.sequential_publishes as u64 / 100),
+        Some((&acked, scale.sequential_publishes as u64)),
+        async { Ok(raw::publish_sequential(js, messages, &acked).await?) },
+    )
+    .await?;
     let sequential = started.elapsed().as_secs_f64();
 
-    let n = scale.relay_events as f64;
-    let ours_rate = n / ours;
-    let pipe_rate = n / pipelined;
+    let ours_rate = n as f64 / ours;
+    let big_rate = n as f64 / ours_big;
+    let pipe_rate = n as f64 / pipelined;
     let seq_rate = scale.sequential_publishes as f64 / sequential;
     Ok(vec![
         Figure {
-            name: format!(
-                "relay drain of {} (acked and marked) vs raw pipelined",
-                scale.relay_events
-            ),
+            name: format!("relay drain of {n} (acked and marked) vs raw pipelined"),
             value: ours_rate,
             unit: "events/s",
             baseline: Some(pipe_rate),
@@ -377,10 +741,18 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             ratio_meaning: "edupulse rate / raw one-ack-at-a-time rate",
             ratio: Some(ours_rate / seq_rate),
         },
+        Figure {
+            name: format!("relay drain of {n}, batch_size 4000 vs raw pipelined"),
+            value: big_rate,
+            unit: "events/s",
+            baseline: Some(pipe_rate),
+            ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
+            ratio: Some(big_rate / pipe_rate),
+        },
     ])
 }
 
-/// Latencies of one steady run, sorted.
+/// Latencies of one steady run, sorted, and the rate achieved.
 async fn steady_run(
     service: &EventService,
     group: &str,
@@ -393,70 +765,101 @@ async fn steady_run(
     let handled = Arc::new(AtomicU64::new(0));
     let base = Uuid::now_v7().as_u128() as u64 & 0xffff_ffff;
     let (s2, l2, h2) = (sent.clone(), latencies.clone(), handled.clone());
-    let consumer = service
-        .consumer(group)
-        .settings(ConsumerSettings {
-            start_from: edupulse_events::StartFrom::New,
-            ..ConsumerSettings::default()
-        })
-        .on::<QuizSubmitted, _, _>(move |r: Received<QuizSubmitted>| {
-            let (sent, latencies, handled) = (s2.clone(), l2.clone(), h2.clone());
-            async move {
-                let now = Instant::now();
-                let index = r.event.seq.wrapping_sub(base) as usize;
-                let at = sent
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.get(index).copied().flatten());
-                if let (Some(at), Ok(mut l)) = (at, latencies.lock()) {
-                    l.push(now - at);
+    let consumer = bounded(
+        "e2e",
+        "starting the consumer",
+        Duration::from_secs(30),
+        None,
+        async {
+            Ok(service
+                .consumer(group)
+                .settings(ConsumerSettings {
+                    start_from: edupulse_events::StartFrom::New,
+                    ..ConsumerSettings::default()
+                })
+                .on::<QuizSubmitted, _, _>(move |r: Received<QuizSubmitted>| {
+                    let (sent, latencies, handled) = (s2.clone(), l2.clone(), h2.clone());
+                    async move {
+                        let now = Instant::now();
+                        let index = r.event.seq.wrapping_sub(base) as usize;
+                        let at = sent
+                            .lock()
+                            .ok()
+                            .and_then(|s| s.get(index).copied().flatten());
+                        if let (Some(at), Ok(mut l)) = (at, latencies.lock()) {
+                            l.push(now - at);
+                        }
+                        handled.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                })
+                .start()
+                .await?)
+        },
+    )
+    .await?;
+    let run = async {
+        let period = Duration::from_secs_f64(1.0 / rate as f64);
+        let mut ticker = tokio::time::interval(period);
+        let started = Instant::now();
+        let mut writers = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            ticker.tick().await;
+            let service = service.clone();
+            let sent = sent.clone();
+            writers.push(AbortOnDrop(tokio::spawn(async move {
+                let mut tx = service.pool().begin().await?;
+                service.emit_in(&mut tx, event(base + i)).await?;
+                if let Ok(mut s) = sent.lock() {
+                    s[i as usize] = Some(Instant::now());
                 }
-                handled.fetch_add(1, Ordering::Relaxed);
+                tx.commit().await?;
+                Ok::<(), Error>(())
+            })));
+        }
+        let committed = AtomicU64::new(0);
+        bounded(
+            "e2e",
+            &format!("{group}: writers committing at {rate} events/s"),
+            Duration::from_secs(30),
+            Some((&committed, total)),
+            async {
+                for w in &mut writers {
+                    (&mut w.0).await??;
+                    committed.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(())
-            }
-        })
-        .start()
+            },
+        )
         .await?;
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let mut ticker = tokio::time::interval(period);
-    let started = Instant::now();
-    let mut writers = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        ticker.tick().await;
-        let service = service.clone();
-        let sent = sent.clone();
-        writers.push(tokio::spawn(async move {
-            let mut tx = service.pool().begin().await?;
-            service.emit_in(&mut tx, event(base + i)).await?;
-            if let Ok(mut s) = sent.lock() {
-                s[i as usize] = Some(Instant::now());
-            }
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        }));
+        let offered_elapsed = started.elapsed().as_secs_f64();
+        wait_for_count(
+            "e2e",
+            &format!("{group}: consumer handling {total} events"),
+            Duration::from_secs(30),
+            total,
+            || handled.load(Ordering::Relaxed),
+        )
+        .await?;
+        Ok::<f64, Error>(total as f64 / offered_elapsed)
     }
-    for w in writers {
-        w.await??;
-    }
-    let offered_elapsed = started.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while handled.load(Ordering::Relaxed) < total && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    consumer.shutdown().await?;
-    let achieved = total as f64 / offered_elapsed;
+    .await;
+    // Stopped whether the run worked or not.
+    let stopped = bounded(
+        "e2e",
+        &format!("{group}: consumer shutdown"),
+        Duration::from_secs(40),
+        None,
+        async { Ok(consumer.shutdown().await?) },
+    )
+    .await;
+    let achieved = run?;
+    stopped?;
     let mut l = latencies.lock().map_err(|_| "poisoned")?.clone();
     // The first second warms caches and connections.
     let skip = (rate as usize).min(l.len() / 4);
     l.drain(..skip);
     l.sort();
-    if handled.load(Ordering::Relaxed) < total {
-        return Err(format!(
-            "only {} of {total} events handled",
-            handled.load(Ordering::Relaxed)
-        )
-        .into());
-    }
     Ok((l, achieved))
 }
 
@@ -468,13 +871,27 @@ async fn raw_pipeline_run(
 ) -> Result<Vec<Duration>, Error> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(20)
+        .acquire_timeout(Duration::from_secs(10))
         .connect(&env.url)
         .await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS raw_outbox (seq BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, payload TEXT NOT NULL)")
+    // A minimal hand-written outbox: rows are marked once JetStream has acked them.
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS raw_outbox (seq BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL,
+         payload TEXT NOT NULL, sent BOOLEAN NOT NULL DEFAULT false)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("CREATE INDEX IF NOT EXISTS raw_outbox_unsent ON raw_outbox (seq) WHERE NOT sent")
         .execute(&pool)
         .await?;
     let subject = format!("{}.rawe2e.x", env.prefix);
-    let stream = js.get_stream(&env.stream).await?;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: env.stream.clone(),
+            subjects: vec![format!("{}.>", env.prefix)],
+            ..Default::default()
+        })
+        .await?;
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some("rawe2e".into()),
@@ -486,41 +903,49 @@ async fn raw_pipeline_run(
     let total = rate * seconds;
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total as usize]));
 
-    // Raw relay: LISTEN, read new rows, publish pipelined.
-    let relay = {
+    // Raw relay: LISTEN; read the unsent rows, publish them pipelined, mark them sent;
+    // wait for a notification when there are none. (Reading `seq > last seen` instead
+    // loses the rows whose sequence was drawn earlier but committed later.)
+    let _relay = {
         let (pool, js, subject) = (pool.clone(), js.clone(), subject.clone());
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener.listen("raw_outbox").await?;
-            let mut last = 0i64;
             loop {
-                listener.recv().await?;
                 let rows: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT seq, payload FROM raw_outbox WHERE seq > $1 ORDER BY seq",
+                    "SELECT seq, payload FROM raw_outbox WHERE NOT sent ORDER BY seq LIMIT 1000",
                 )
-                .bind(last)
                 .fetch_all(&pool)
                 .await?;
+                if rows.is_empty() {
+                    listener.recv().await?;
+                    continue;
+                }
                 let mut acks = Vec::with_capacity(rows.len());
+                let mut seqs = Vec::with_capacity(rows.len());
                 for (seq, payload) in rows {
-                    last = last.max(seq);
+                    seqs.push(seq);
                     acks.push(js.publish(subject.clone(), Bytes::from(payload)).await?);
                 }
                 for ack in acks {
                     ack.await?;
                 }
+                sqlx::query("UPDATE raw_outbox SET sent = true WHERE seq = ANY($1)")
+                    .bind(&seqs)
+                    .execute(&pool)
+                    .await?;
             }
             #[allow(unreachable_code)]
             Ok::<(), Error>(())
-        })
+        }))
     };
     // Raw consumer: pull and ack, measuring.
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let (sent, latencies) = (sent.clone(), latencies.clone());
-        tokio::spawn(async move {
+    let seen = Arc::new(AtomicU64::new(0));
+    let mut reader = {
+        let (sent, latencies, seen) = (sent.clone(), latencies.clone(), seen.clone());
+        AbortOnDrop(tokio::spawn(async move {
             let mut messages = consumer.messages().await?;
-            let mut seen = 0;
             while let Some(m) = messages.next().await {
                 let m = m?;
                 let now = Instant::now();
@@ -535,13 +960,12 @@ async fn raw_pipeline_run(
                     latencies.lock().map_err(|_| "poisoned")?.push(now - at);
                 }
                 m.ack_with(AckKind::Ack).await?;
-                seen += 1;
-                if seen == total {
+                if seen.fetch_add(1, Ordering::Relaxed) + 1 == total {
                     break;
                 }
             }
             Ok::<(), Error>(())
-        })
+        }))
     };
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let mut ticker = tokio::time::interval(period);
@@ -549,7 +973,7 @@ async fn raw_pipeline_run(
     for i in 0..total {
         ticker.tick().await;
         let (pool, sent) = (pool.clone(), sent.clone());
-        writers.push(tokio::spawn(async move {
+        writers.push(AbortOnDrop(tokio::spawn(async move {
             let mut tx = pool.begin().await?;
             sqlx::query("INSERT INTO raw_outbox (n, payload) VALUES ($1, $2)")
                 .bind(i as i64)
@@ -564,16 +988,30 @@ async fn raw_pipeline_run(
             }
             tx.commit().await?;
             Ok::<(), Error>(())
-        }));
+        })));
     }
-    for w in writers {
-        w.await??;
-    }
-    match tokio::time::timeout(Duration::from_secs(30), reader).await {
-        Ok(joined) => joined??,
-        Err(_) => return Err("the raw pipeline did not deliver every event within 30 s".into()),
-    }
-    relay.abort();
+    bounded(
+        "e2e",
+        "raw pipeline: writers committing",
+        Duration::from_secs(30),
+        None,
+        async {
+            for w in &mut writers {
+                (&mut w.0).await??;
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    bounded(
+        "e2e",
+        "raw pipeline: delivering every event",
+        Duration::from_secs(30),
+        Some((&seen, total)),
+        async { (&mut reader.0).await? },
+    )
+    .await?;
+    pool.close().await;
     let mut l = latencies.lock().map_err(|_| "poisoned")?.clone();
     let skip = (rate as usize).min(l.len() / 4);
     l.drain(..skip);
@@ -581,16 +1019,108 @@ async fn raw_pipeline_run(
     Ok(l)
 }
 
+/// A service on a stream of its own with its relay running.
+async fn relayed_service(env: &Env) -> Result<(EventService, edupulse_events::RelayHandle), Error> {
+    let service = env.service(true, RelaySettings::default()).await?;
+    truncate(service.pool()).await?;
+    // Open the pool's connections first, as a running service has them: otherwise the
+    // first writers of a run wait for new Postgres backends.
+    let held: Vec<_> =
+        futures::future::try_join_all((0..20).map(|_| service.pool().acquire())).await?;
+    drop(held);
+    let relay = service.start_relay();
+    Ok((service, relay))
+}
+
+async fn stop_relayed(
+    service: EventService,
+    relay: edupulse_events::RelayHandle,
+) -> Result<(), Error> {
+    bounded(
+        "e2e",
+        "relay shutdown",
+        Duration::from_secs(30),
+        None,
+        async { Ok(relay.shutdown().await?) },
+    )
+    .await?;
+    truncate(service.pool()).await?;
+    service.pool().close().await;
+    Ok(())
+}
+
+/// Milliseconds from an `emit` until the handler of a group that has just joined a
+/// stream already holding messages (`StartFrom::New`) receives the event.
+async fn join_delay(service: &EventService) -> Result<f64, Error> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let counter = handled.clone();
+    let consumer = bounded(
+        "e2e",
+        "starting the joining group",
+        Duration::from_secs(30),
+        None,
+        async {
+            Ok(service
+                .consumer("e2e-join")
+                .settings(ConsumerSettings {
+                    start_from: edupulse_events::StartFrom::New,
+                    ..ConsumerSettings::default()
+                })
+                .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                })
+                .start()
+                .await?)
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let waited = async {
+        service.emit(event(u64::MAX / 2)).await?;
+        wait_for_count(
+            "e2e",
+            "a group joining a stream that holds messages: its first event",
+            Duration::from_secs(60),
+            1,
+            || handled.load(Ordering::Relaxed),
+        )
+        .await
+    }
+    .await;
+    let took = started.elapsed();
+    let stopped = bounded(
+        "e2e",
+        "joining group shutdown",
+        Duration::from_secs(40),
+        None,
+        async { Ok(consumer.shutdown().await?) },
+    )
+    .await;
+    waited?;
+    stopped?;
+    Ok(took.as_secs_f64() * 1000.0)
+}
+
 async fn end_to_end(
     env: &Env,
     js: &jetstream::Context,
     scale: Scale,
 ) -> Result<Vec<Figure>, Error> {
-    let service = env.service(true, RelaySettings::default()).await?;
-    truncate(service.pool()).await?;
-    let relay = service.start_relay();
-    let (ours, _) = steady_run(&service, "e2e", 1000, scale.e2e_seconds).await?;
-    let raw = raw_pipeline_run(env, js, 1000, scale.e2e_seconds).await?;
+    let (service, relay) = relayed_service(&env.fresh_stream("e2e")).await?;
+    let ours = steady_run(&service, "e2e", 1000, scale.e2e_seconds).await;
+    let join = match &ours {
+        Ok(_) => Some(join_delay(&service).await),
+        Err(_) => None,
+    };
+    stop_relayed(service, relay).await?;
+    let (ours, _) = ours?;
+    let join = join.ok_or("stage e2e: no join figure")??;
+    eprintln!("  [e2e] a group joining a non-empty stream got its first event after {join:.1} ms");
+    let raw = raw_pipeline_run(&env.fresh_stream("rawe2e"), js, 1000, scale.e2e_seconds).await?;
     let mut figures = Vec::new();
     for p in [50.0, 95.0, 99.0] {
         let (o, r) = (percentile_ms(&ours, p), percentile_ms(&raw, p));
@@ -599,34 +1129,61 @@ async fn end_to_end(
             value: o,
             unit: "ms",
             baseline: Some(r),
-            ratio_meaning: "edupulse latency / raw LISTEN/NOTIFY pipeline latency",
+            ratio_meaning: match p as u32 {
+                50 => "edupulse / raw LISTEN/NOTIFY pipeline (target p50 ≤ 2 ms)",
+                99 => "edupulse / raw LISTEN/NOTIFY pipeline (target p99 ≤ 5 ms)",
+                _ => "edupulse latency / raw LISTEN/NOTIFY pipeline latency",
+            },
             ratio: Some(o / r),
         });
     }
-    // The highest steady rate at which p99 stays under 50 ms.
+    figures.push(Figure {
+        name: "new group joining a non-empty stream: emit→first handled".into(),
+        value: join,
+        unit: "ms",
+        baseline: None,
+        ratio_meaning: "should be near the p50 above",
+        ratio: None,
+    });
+    // The highest steady rate at which p99 stays under 50 ms; each step on a stream of
+    // its own, with a relay of its own.
     let mut best = 0u64;
     for (step, rate) in [1_000u64, 2_000, 3_000, 4_000, 6_000, 8_000]
         .into_iter()
         .enumerate()
     {
-        let group = format!("e2e-step{step}");
-        match steady_run(&service, &group, rate, scale.step_seconds).await {
-            Ok((l, achieved)) => {
-                let p99 = percentile_ms(&l, 99.0);
-                eprintln!("  {rate} events/s offered, {achieved:.0} achieved, p99 {p99:.2} ms");
-                if p99 < 50.0 && achieved >= rate as f64 * 0.9 {
-                    best = rate;
-                } else {
-                    break;
-                }
+        // On a shared machine one burst of load elsewhere can spoil a step: a step
+        // that misses gets a second try before the search stops.
+        let mut passed = false;
+        for attempt in 0..2 {
+            let group = format!("e2e-step{step}-{attempt}");
+            let tag = format!("step{step}{attempt}");
+            let outcome = async {
+                let (service, relay) = relayed_service(&env.fresh_stream(&tag)).await?;
+                let run = steady_run(&service, &group, rate, scale.step_seconds).await;
+                stop_relayed(service, relay).await?;
+                run
             }
-            Err(error) => {
-                eprintln!("  {rate} events/s: {error}");
-                break;
+            .await;
+            match outcome {
+                Ok((l, achieved)) => {
+                    let (p50, p99) = (percentile_ms(&l, 50.0), percentile_ms(&l, 99.0));
+                    eprintln!(
+                        "  {rate} events/s offered, {achieved:.0} achieved, p50 {p50:.2} ms, p99 {p99:.2} ms"
+                    );
+                    if p99 < 50.0 && achieved >= rate as f64 * 0.9 {
+                        passed = true;
+                        break;
+                    }
+                }
+                Err(error) => eprintln!("  {rate} events/s: {error}"),
             }
         }
+        if !passed {
+            break;
+        }
+        best = rate;
     }
-    relay.shutdown().await?;
     figures.push(Figure {
         name: "highest steady rate with p99 < 50 ms (steps of 1k..8k)".into(),
         value: best as f64,
@@ -635,12 +1192,14 @@ async fn end_to_end(
         ratio_meaning: "-",
         ratio: None,
     });
-    truncate(service.pool()).await?;
     Ok(figures)
 }
 
 async fn consume(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
+    // A stream of its own: only this stage's messages, from sequence 1.
+    let env = &env.fresh_stream("consume");
     let service = env.service(true, RelaySettings::default()).await?;
+    let stream = js.get_stream(&env.stream).await?;
     // Messages in the framework's format, published straight to the stream.
     let n = scale.consume_events;
     let messages: Vec<RawMessage> = (0..n as u64)
@@ -655,56 +1214,97 @@ async fn consume(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec
             })
         })
         .collect::<Result<_, _>>()?;
-    raw::publish_pipelined(js, messages).await?;
+    let acked = AtomicU64::new(0);
+    bounded(
+        "consume",
+        "publishing the messages to consume",
+        Duration::from_secs(60 + n as u64 / 500),
+        Some((&acked, n as u64)),
+        async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
+    )
+    .await?;
     let filter = format!("{}.quiz.*.submitted", env.prefix);
+    let limit = Duration::from_secs(60 + n as u64 / 200);
 
     // Raw: pull and ack.
-    let stream = js.get_stream(&env.stream).await?;
-    let raw_consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("rawconsume".into()),
-            filter_subject: filter.clone(),
-            max_ack_pending: 400,
-            ..Default::default()
-        })
-        .await?;
+    let seen = AtomicU64::new(0);
     let started = Instant::now();
-    let mut messages = raw_consumer
-        .stream()
-        .max_messages_per_batch(100)
-        .messages()
-        .await?;
-    let mut seen = 0;
-    while let Some(m) = messages.next().await {
-        m?.ack().await?;
-        seen += 1;
-        if seen == n {
-            break;
-        }
-    }
+    bounded(
+        "consume",
+        "raw pull-and-ack loop",
+        limit,
+        Some((&seen, n as u64)),
+        async {
+            let raw_consumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some("rawconsume".into()),
+                    filter_subject: filter.clone(),
+                    max_ack_pending: 400,
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = raw_consumer
+                .stream()
+                .max_messages_per_batch(100)
+                .messages()
+                .await?;
+            while let Some(m) = messages.next().await {
+                m?.ack().await?;
+                if seen.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
+                    break;
+                }
+            }
+            if seen.load(Ordering::Relaxed) < n as u64 {
+                return Err("the raw message stream ended early".into());
+            }
+            Ok(())
+        },
+    )
+    .await?;
     let raw_s = started.elapsed().as_secs_f64();
-    drop(messages);
 
     let handled = Arc::new(AtomicU64::new(0));
     let counter = handled.clone();
     let started = Instant::now();
-    let consumer = service
-        .consumer("benchconsume")
-        .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-        })
-        .start()
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while handled.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let consumer = bounded(
+        "consume",
+        "starting the consumer group",
+        Duration::from_secs(30),
+        None,
+        async {
+            Ok(service
+                .consumer("benchconsume")
+                .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                })
+                .start()
+                .await?)
+        },
+    )
+    .await?;
+    let waited = wait_for_count(
+        "consume",
+        "consumer group handling the messages",
+        limit,
+        n as u64,
+        || handled.load(Ordering::Relaxed),
+    )
+    .await;
     let ours_s = started.elapsed().as_secs_f64();
-    consumer.shutdown().await?;
+    let stopped = bounded(
+        "consume",
+        "consumer shutdown",
+        Duration::from_secs(40),
+        None,
+        async { Ok(consumer.shutdown().await?) },
+    )
+    .await;
+    waited?;
+    stopped?;
     Ok(vec![Figure {
         name: format!("consume {n}: handler throughput vs raw pull-and-ack"),
         value: n as f64 / ours_s,
@@ -718,31 +1318,38 @@ async fn consume(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec
 async fn memory(env: &Env, scale: Scale) -> Result<Vec<Figure>, Error> {
     let service = env.service(false, RelaySettings::default()).await?;
     truncate(service.pool()).await?;
-    let started = Instant::now();
-    prefill(&service, scale.memory_events).await?;
-    eprintln!(
-        "  prefilled {} in {:.1?}",
-        scale.memory_events,
-        started.elapsed()
-    );
+    prefill("memory", &service, scale.memory_events).await?;
     let exe = std::env::current_exe()?;
-    let output = tokio::process::Command::new(exe)
+    let limit = Duration::from_secs(120 + scale.memory_events as u64 / 1_000);
+    let child = tokio::process::Command::new(exe)
         .arg("--relay-child")
+        .arg(limit.as_secs().to_string())
         .env("DATABASE_URL", &env.url)
         .env("NATS_URL", nats_url())
         .env("EDUPULSE_SUBJECT_PREFIX", &env.prefix)
         .env("EDUPULSE_STREAM", &env.stream)
         .env("EDUPULSE_SOURCE", SOURCE)
-        .output()
-        .await?;
+        .stdout(std::process::Stdio::piped())
+        // Its progress and errors go straight to ours.
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let output = bounded(
+        "memory",
+        "the relay child draining the outbox",
+        limit + Duration::from_secs(30),
+        None,
+        async { Ok(child.wait_with_output().await?) },
+    )
+    .await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("peak_rss_kb="))
         .ok_or_else(|| {
             format!(
-                "relay child failed: {}",
-                String::from_utf8_lossy(&output.stderr)
+                "stage memory: the relay child failed ({}); its errors are above",
+                output.status
             )
         })?;
     let kb: f64 = line.trim().parse()?;
@@ -773,29 +1380,57 @@ async fn memory(env: &Env, scale: Scale) -> Result<Vec<Figure>, Error> {
 }
 
 /// The child process of the memory figure: drains the outbox with a relay and prints
-/// its peak RSS.
-pub fn relay_child() -> std::process::ExitCode {
+/// its peak RSS. Its one argument is the longest it may take, in seconds.
+pub fn relay_child(limit_secs: Option<&str>) -> std::process::ExitCode {
+    let limit = Duration::from_secs(limit_secs.and_then(|s| s.parse().ok()).unwrap_or(600));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("relay child: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
     let result: Result<(), Error> = runtime.block_on(async {
         let service = EventService::connect(Config::from_env()?).await?;
-        let started = Instant::now();
         let n = pending(service.pool()).await?;
         let relay = service.start_relay();
-        while pending(service.pool()).await? > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        // The relay's own counter: count(*) over a million rows every few milliseconds
+        // would slow the drain it measures.
+        let took = wait_for_count(
+            "memory",
+            "relay child draining the outbox",
+            limit,
+            n as u64,
+            || relay.published(),
+        )
+        .await;
+        let took = match took {
+            Ok(took) => took,
+            Err(error) => {
+                let _ = tokio::time::timeout(Duration::from_secs(10), relay.shutdown()).await;
+                return Err(error);
+            }
+        };
+        bounded(
+            "memory",
+            "relay child: relay shutdown",
+            Duration::from_secs(30),
+            None,
+            async { Ok(relay.shutdown().await?) },
+        )
+        .await?;
+        let left = pending(service.pool()).await?;
+        if left != 0 {
+            return Err(format!("{left} events still pending after the drain").into());
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        relay.shutdown().await?;
-        println!("drain_rate={}", n as f64 / elapsed);
+        eprintln!(
+            "  [memory] relay drained {n} in {took:.1?} ({:.0} events/s)",
+            n as f64 / took.as_secs_f64()
+        );
+        println!("drain_rate={}", n as f64 / took.as_secs_f64());
         Ok(())
     });
     if let Err(e) = result {
@@ -810,4 +1445,110 @@ pub fn relay_child() -> std::process::ExitCode {
         .unwrap_or_default();
     println!("peak_rss_kb={peak}");
     std::process::ExitCode::SUCCESS
+}
+
+/// `--only profile`: the relay's loop step by step, and the fence waits under load.
+async fn profile(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
+    let env = &env.fresh_stream("profile");
+    let service = env.service(false, RelaySettings::default()).await?;
+    let n = scale.relay_events;
+    let messages = raw_messages(&env.prefix, "rawpipe", n)?;
+    let acked = AtomicU64::new(0);
+    let started = Instant::now();
+    bounded(
+        "profile",
+        "raw pipelined publishing",
+        Duration::from_secs(120),
+        None,
+        async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
+    )
+    .await?;
+    let pipelined_rate = n as f64 / started.elapsed().as_secs_f64();
+    let mut figures = Vec::new();
+    for batch in [500i64, 4_000] {
+        truncate(service.pool()).await?;
+        prefill("profile", &service, n).await?;
+        let (seq_secs, phases) = bounded(
+            "profile",
+            "relay loop, library order",
+            Duration::from_secs(300),
+            None,
+            crate::profile::sequential(&env.url, js, &env.prefix, QuizSubmitted::NAME, n, batch),
+        )
+        .await?;
+        truncate(service.pool()).await?;
+        prefill("profile", &service, n).await?;
+        let over_secs = bounded(
+            "profile",
+            "relay loop, overlapped",
+            Duration::from_secs(300),
+            None,
+            crate::profile::overlapped(&env.url, js, &env.prefix, QuizSubmitted::NAME, n, batch),
+        )
+        .await?;
+        eprintln!("  [profile] batch {batch}: {phases:?}");
+        figures.extend(crate::profile::figures(
+            n,
+            batch,
+            seq_secs,
+            &phases,
+            over_secs,
+            pipelined_rate,
+        ));
+    }
+    truncate(service.pool()).await?;
+
+    // The relay's fence wait while writers emit at 1,000 events/s.
+    let rate = 1_000u64;
+    let total = rate * scale.e2e_seconds;
+    let writers = {
+        let service = service.clone();
+        async move {
+            let period = Duration::from_secs_f64(1.0 / rate as f64);
+            let mut ticker = tokio::time::interval(period);
+            let mut tasks = Vec::with_capacity(total as usize);
+            for i in 0..total {
+                ticker.tick().await;
+                let service = service.clone();
+                tasks.push(AbortOnDrop(tokio::spawn(async move {
+                    let mut tx = service.pool().begin().await?;
+                    service.emit_in(&mut tx, event(i)).await?;
+                    tx.commit().await?;
+                    Ok::<(), Error>(())
+                })));
+            }
+            for t in &mut tasks {
+                (&mut t.0).await??;
+            }
+            Ok(())
+        }
+    };
+    let (waits, busy) = bounded(
+        "profile",
+        "fence waits under 1,000 events/s",
+        Duration::from_secs(60 + scale.e2e_seconds),
+        None,
+        crate::profile::fence_waits(&env.url, writers),
+    )
+    .await?;
+    truncate(service.pool()).await?;
+    for p in [50.0, 90.0, 99.0] {
+        figures.push(Figure {
+            name: format!("profile: relay fence wait at 1,000 events/s, p{p:.0}"),
+            value: percentile_ms(&waits, p),
+            unit: "ms",
+            baseline: None,
+            ratio_meaning: "-",
+            ratio: None,
+        });
+    }
+    figures.push(Figure {
+        name: "profile: fences that found a writer in flight".into(),
+        value: busy as f64 * 100.0 / waits.len().max(1) as f64,
+        unit: "%",
+        baseline: None,
+        ratio_meaning: "-",
+        ratio: None,
+    });
+    Ok(figures)
 }
