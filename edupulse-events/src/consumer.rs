@@ -42,7 +42,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::PgConnection;
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -584,7 +584,7 @@ impl ConsumerBuilder {
             settings,
             stats: stats.clone(),
             crash: tokio::sync::Notify::new(),
-            queued: std::sync::Mutex::new(HashMap::new()),
+            queued: std::sync::Mutex::new(BTreeSet::new()),
         });
         tracing::info!(group = %group, "consumer started");
         let task = tokio::spawn(run(ctx, consumer, stop_rx).instrument(tracing::info_span!(
@@ -647,14 +647,14 @@ struct Ctx {
     /// Messages handed to a lane and waiting in its queue, by reply subject (one per
     /// delivery): the fetch loop sends them progress, so that a long queue is not
     /// redelivered while this instance still has it.
-    queued: std::sync::Mutex<HashMap<String, Message>>,
+    queued: std::sync::Mutex<BTreeSet<async_nats::Subject>>,
 }
 
 impl Ctx {
     fn enqueued(&self, message: &Message) {
         if let Some(reply) = &message.reply {
             if let Ok(mut queued) = self.queued.lock() {
-                queued.insert(reply.to_string(), message.clone());
+                queued.insert(reply.clone());
             }
         }
     }
@@ -662,19 +662,26 @@ impl Ctx {
     fn dequeued(&self, message: &Message) {
         if let Some(reply) = &message.reply {
             if let Ok(mut queued) = self.queued.lock() {
-                queued.remove(reply.as_str());
+                queued.remove(reply);
             }
         }
     }
 
-    /// Tells JetStream the messages waiting in the lanes' queues are in progress.
+    /// Tells JetStream the messages waiting in the lanes' queues are in progress (what
+    /// `ack_with(AckKind::Progress)` sends, to each one's reply subject).
     async fn progress_queued(&self) {
-        let waiting: Vec<Message> = match self.queued.lock() {
-            Ok(queued) => queued.values().cloned().collect(),
+        let waiting: Vec<async_nats::Subject> = match self.queued.lock() {
+            Ok(queued) => queued.iter().cloned().collect(),
             Err(_) => return,
         };
-        for message in waiting {
-            let _ = message.ack_with(AckKind::Progress).await;
+        if waiting.is_empty() {
+            return;
+        }
+        let client = self.inner.jetstream.client();
+        for reply in waiting {
+            let _ = client
+                .publish(reply, bytes::Bytes::from(AckKind::Progress))
+                .await;
         }
     }
 }

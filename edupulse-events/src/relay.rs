@@ -515,7 +515,8 @@ async fn wait_for_writers(
         return Ok(false);
     }
     let deadline = Instant::now() + settings.order_wait_limit;
-    let mut pause = Duration::from_micros(500);
+    // Most writers end within a millisecond or two: look often at first.
+    let mut pause = Duration::from_micros(200);
     loop {
         let still: i64 = sqlx::query_scalar(STILL_HOLDING)
             .bind(&waiting)
@@ -536,7 +537,7 @@ async fn wait_for_writers(
         if sleep_or_stop(stop, pause).await {
             return Ok(true);
         }
-        pause = (pause * 2).min(Duration::from_millis(20));
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }
 
