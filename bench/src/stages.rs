@@ -463,12 +463,14 @@ async fn emit(
     for writers in [1usize, 8] {
         let per_writer = (scale.emits / EMIT_ROUNDS / writers).max(1);
         let n = (per_writer * writers) as f64;
-        // [raw, with notify, without notify]
-        let mut times: [Vec<f64>; 3] = Default::default();
+        // [raw, with notify (relay idle or absent), without notify, with notify while
+        // the relay is busy (the flag a working relay sets: no notification is sent)]
+        let mut times: [Vec<f64>; 4] = Default::default();
         for round in 0..EMIT_ROUNDS {
             truncate(notify.pool()).await?;
-            for k in 0..3 {
-                let variant = (round + k) % 3;
+            for k in 0..4 {
+                let variant = (round + k) % 4;
+                set_relay_busy(notify.pool(), variant == 3).await?;
                 let t = match variant {
                     0 => {
                         let pool = notify.pool().clone();
@@ -483,7 +485,7 @@ async fn emit(
                         .await?
                     }
                     _ => {
-                        let s = if variant == 1 { notify } else { quiet }.clone();
+                        let s = if variant == 2 { quiet } else { notify }.clone();
                         time_writers(writers, per_writer, move |seq| {
                             let s = s.clone();
                             async move {
@@ -499,23 +501,22 @@ async fn emit(
                 times[variant].push(t.as_secs_f64() / n);
             }
         }
+        set_relay_busy(notify.pool(), false).await?;
+        let micros = |ts: &Vec<f64>| ts.iter().map(|t| (t * 1e6) as u32).collect::<Vec<_>>();
         eprintln!(
-            "  [emit] {writers} writer(s), µs/event per round: raw {:?}, notify {:?}, quiet {:?}",
-            times[0]
-                .iter()
-                .map(|t| (t * 1e6) as u32)
-                .collect::<Vec<_>>(),
-            times[1]
-                .iter()
-                .map(|t| (t * 1e6) as u32)
-                .collect::<Vec<_>>(),
-            times[2]
-                .iter()
-                .map(|t| (t * 1e6) as u32)
-                .collect::<Vec<_>>(),
+            "  [emit] {writers} writer(s), µs/event per round: raw {:?}, notify {:?}, quiet {:?}, busy relay {:?}",
+            micros(&times[0]),
+            micros(&times[1]),
+            micros(&times[2]),
+            micros(&times[3]),
         );
-        let [raw_t, ours_t, quiet_t] = times;
-        let (raw_s, ours_s, quiet_s) = (median(raw_t), median(ours_t), median(quiet_t));
+        let [raw_t, ours_t, quiet_t, busy_t] = times;
+        let (raw_s, ours_s, quiet_s, busy_s) = (
+            median(raw_t),
+            median(ours_t),
+            median(quiet_t),
+            median(busy_t),
+        );
         figures.push(Figure {
             name: format!("emit_in, {writers} writer(s), with notify: time per event"),
             value: ours_s * 1e6,
@@ -540,9 +541,27 @@ async fn emit(
             ratio_meaning: "edupulse time / raw insert time",
             ratio: Some(quiet_s / raw_s),
         });
+        figures.push(Figure {
+            name: format!("emit_in, {writers} writer(s), with notify, relay busy: time per event"),
+            value: busy_s * 1e6,
+            unit: "µs/event",
+            baseline: Some(raw_s * 1e6),
+            ratio_meaning: "edupulse time / raw insert time (target ≤ 1.10)",
+            ratio: Some(busy_s / raw_s),
+        });
     }
     truncate(notify.pool()).await?;
     Ok(figures)
+}
+
+/// Sets the relay's idle flag as a busy relay (true) or an idle one (false) sets it:
+/// writers notify only while it says idle.
+async fn set_relay_busy(pool: &sqlx::PgPool, busy: bool) -> Result<(), Error> {
+    sqlx::query("SELECT setval('edupulse.relay_idle', $1)")
+        .bind(if busy { 0_i64 } else { 1_i64 })
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 async fn batch(service: &EventService, scale: Scale) -> Result<Vec<Figure>, Error> {

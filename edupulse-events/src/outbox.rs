@@ -177,6 +177,37 @@ struct Prepared {
     occurred_at: OffsetDateTime,
     /// The room left for the JSON body, as Postgres will print it, after the headers.
     body_limit: i64,
+    /// Whether the insert must check the printed size: `None` when it cannot exceed
+    /// `body_limit` (see [`printed_fits`]), which spares Postgres printing the JSONB.
+    check_limit: Option<i64>,
+}
+
+/// Whether compact JSON, as Postgres prints it as JSONB, surely fits in `limit` bytes.
+/// Printing adds at most a space after each `,` and `:` (so at most doubles the text),
+/// re-escapes strings to at most the same length, and writes numbers in full: only a
+/// number with an exponent (`1e300`) can grow beyond that, so one makes the answer no.
+fn printed_fits(json: &str, limit: usize) -> bool {
+    if json.len().saturating_mul(2) > limit {
+        return false;
+    }
+    let (mut in_string, mut escaped, mut previous) = (false, false, b' ');
+    for &byte in json.as_bytes() {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if (byte == b'e' || byte == b'E') && (previous.is_ascii_digit() || previous == b'.')
+        {
+            return false;
+        }
+        previous = byte;
+    }
+    true
 }
 
 /// How many events one `emit_all` statement writes at most; larger batches are split
@@ -188,7 +219,7 @@ INSERT INTO edupulse.outbox
     (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
 SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
 FROM (SELECT CAST($5::text AS jsonb) AS p) AS x
-WHERE octet_length(x.p::text) <= $11
+WHERE CASE WHEN $11::int8 IS NULL THEN true ELSE octet_length(x.p::text) <= $11 END
 RETURNING seq";
 
 const INSERT_ONE_NOTIFY: &str = "\
@@ -197,7 +228,7 @@ INSERT INTO edupulse.outbox
 SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
 FROM (SELECT CAST($5::text AS jsonb) AS p,
              (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_idle WHERE last_value = 1) AS n) AS x
-WHERE octet_length(x.p::text) <= $11
+WHERE CASE WHEN $11::int8 IS NULL THEN true ELSE octet_length(x.p::text) <= $11 END
 RETURNING seq";
 
 /// The batch insert; `$notify` is spliced into the size check, which runs once.
@@ -212,7 +243,8 @@ macro_rules! insert_many {
          WITH ORDINALITY AS u(id, subject, payload, correlation_id, causation_id, traceparent,
                               occurred_at, body_limit, ord)
 ), too_large AS (
-    SELECT count(*) AS n", $notify, " FROM input WHERE octet_length(p::text) > body_limit
+    SELECT count(*) AS n", $notify, " FROM input
+    WHERE CASE WHEN body_limit IS NULL THEN false ELSE octet_length(p::text) > body_limit END
 )
 INSERT INTO edupulse.outbox
     (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
@@ -292,7 +324,7 @@ impl EventService {
                 .bind(prepared.causation_id)
                 .bind(prepared.traceparent.as_deref())
                 .bind(prepared.occurred_at)
-                .bind(prepared.body_limit)
+                .bind(prepared.check_limit)
                 .fetch_optional(&mut *conn)
                 .await?;
             match row {
@@ -422,7 +454,7 @@ impl EventService {
                     .collect::<Vec<_>>(),
             )
             .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|p| p.body_limit).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.check_limit).collect::<Vec<_>>())
             .bind(E::NAME)
             .bind(version_i32::<E>())
             .bind(&self.inner.config.source)
@@ -488,7 +520,9 @@ impl EventService {
                 max,
             });
         }
+        let body_limit = i64::try_from(max - headers).unwrap_or(i64::MAX);
         Ok(Prepared {
+            check_limit: (!printed_fits(&payload, max - headers)).then_some(body_limit),
             id,
             subject,
             payload,
@@ -496,7 +530,7 @@ impl EventService {
             causation_id,
             traceparent: outgoing.traceparent,
             occurred_at,
-            body_limit: i64::try_from(max - headers).unwrap_or(i64::MAX),
+            body_limit,
         })
     }
 
@@ -703,7 +737,29 @@ impl EventService {
 
 #[cfg(test)]
 mod tests {
-    use super::has_escaped_nul;
+    use super::{has_escaped_nul, printed_fits};
+
+    #[test]
+    fn printed_size_is_checked_only_where_it_could_exceed_the_limit() {
+        // Plain JSON well under half the limit fits whatever Postgres' spacing.
+        assert!(printed_fits(
+            r#"{"title":"true false e1 2e3","n":[1,2.5,-3]}"#,
+            1000
+        ));
+        assert!(printed_fits(
+            r#"{"s":"a\"1e9\"b","t":true,"f":false}"#,
+            1000
+        ));
+        // Over half the limit: spaces after `,` and `:` could push it over.
+        assert!(!printed_fits(&"[1,".repeat(200), 1000));
+        // A number with an exponent prints in full: 1e300 is 301 digits.
+        assert!(!printed_fits(r#"{"x":1e300}"#, 1000));
+        assert!(!printed_fits(r#"[1.5E-7]"#, 1000));
+        assert!(!printed_fits(
+            &serde_json::to_string(&1e300_f64).unwrap(),
+            1000
+        ));
+    }
 
     #[test]
     fn escaped_nul_is_found_and_escaped_backslashes_are_not() {

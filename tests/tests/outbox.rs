@@ -722,3 +722,42 @@ fn reported_size(message: &str) -> usize {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Tiny as compact JSON, huge as Postgres prints JSONB: 1e300 is written in full.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "quiz.graded")]
+pub struct QuizGraded {
+    pub scores: Vec<f64>,
+}
+
+#[tokio::test]
+async fn numbers_that_print_larger_as_jsonb_are_measured_as_printed() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let max = service.max_message_size();
+    // Each 1e300 takes 5 bytes compact and 301 printed.
+    let huge = QuizGraded {
+        scores: vec![1e300; max / 301 + 10],
+    };
+    assert!(serde_json::to_string(&huge).unwrap().len() < max / 10);
+    let error = service
+        .emit(huge.clone())
+        .await
+        .expect_err("too large as printed");
+    assert_eq!(error.kind(), EmitErrorKind::TooLarge, "{error}");
+    let error = service
+        .emit_all(vec![QuizGraded { scores: vec![1.0] }, huge])
+        .await
+        .expect_err("too large as printed, in a batch");
+    assert_eq!(error.kind(), EmitErrorKind::TooLarge, "{error}");
+    let mut conn = env.connect().await;
+    assert_eq!(outbox_rows(&mut conn).await, 0);
+    // A small one with exponents is checked, and fits.
+    service
+        .emit(QuizGraded {
+            scores: vec![1e3, 2.5e-3],
+        })
+        .await
+        .expect("fits");
+    assert_eq!(outbox_rows(&mut conn).await, 1);
+}
