@@ -337,7 +337,9 @@ async fn lead(
             }
             continue;
         }
-        if idle {
+        if idle && batch.len() >= BUSY_BATCH {
+            // Writers outpace the relay: their notifications are of no use now, and
+            // each costs them a turn on Postgres' commit-time notify lock.
             set_idle(conn, false).await?;
             idle = false;
         }
@@ -419,6 +421,11 @@ async fn lead(
         pruner.maybe_prune(conn, settings).await?;
     }
 }
+
+/// A batch at least this large means writers outpace the relay: it tells them it is
+/// busy (they stop notifying) until it finds nothing to publish. Smaller batches keep
+/// it idle, so that light traffic costs no flag updates and is woken at once.
+const BUSY_BATCH: usize = 8;
 
 /// Tells writers whether to notify at commit (`edupulse.relay_idle`; immediate, as
 /// sequences are not transactional).
