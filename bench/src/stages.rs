@@ -711,6 +711,11 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         ..RelaySettings::default()
     };
     let ours_big = drain(env, n, big, "batch_size 4000").await?;
+    let delete = RelaySettings {
+        retention: Duration::ZERO,
+        ..RelaySettings::default()
+    };
+    let ours_delete = drain(env, n, delete, "retention 0").await?;
 
     let messages = raw_messages(&env.prefix, "rawpipe", n)?;
     let acked = AtomicU64::new(0);
@@ -741,6 +746,7 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
 
     let ours_rate = n as f64 / ours;
     let big_rate = n as f64 / ours_big;
+    let delete_rate = n as f64 / ours_delete;
     let pipe_rate = n as f64 / pipelined;
     let seq_rate = scale.sequential_publishes as f64 / sequential;
     Ok(vec![
@@ -767,6 +773,14 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             baseline: Some(pipe_rate),
             ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
             ratio: Some(big_rate / pipe_rate),
+        },
+        Figure {
+            name: format!("relay drain of {n}, retention 0 (delete on publish) vs raw pipelined"),
+            value: delete_rate,
+            unit: "events/s",
+            baseline: Some(pipe_rate),
+            ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
+            ratio: Some(delete_rate / pipe_rate),
         },
     ])
 }
