@@ -49,7 +49,8 @@ WHERE locktype = 'relation'
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND relation = 'edupulse.outbox'::regclass
   AND mode = 'RowExclusiveLock'
-  AND pid IS DISTINCT FROM pg_backend_pid()";
+  AND pid IS DISTINCT FROM pg_backend_pid()
+  AND pid IS DISTINCT FROM $1";
 
 const STILL_HOLDING: &str = "\
 SELECT count(*)
@@ -64,7 +65,7 @@ SELECT seq, id, name, version, subject, payload::text AS payload, source, correl
        causation_id, traceparent, occurred_at, attempts,
        greatest(0, extract(epoch FROM next_attempt_at - clock_timestamp()))::float8 AS wait_secs
 FROM edupulse.outbox
-WHERE status = 'pending' AND seq <= $1
+WHERE status = 'pending' AND seq <= $1 AND seq > $3
 ORDER BY seq
 LIMIT $2";
 
@@ -291,10 +292,139 @@ async fn lead(
     stop: &mut watch::Receiver<bool>,
     state: &RelayState,
 ) -> Result<Led, sqlx::Error> {
+    let mut pruner = Pruner::start(conn, inner.config.relay.retention).await?;
+    let mut marker = Marker::open(inner).await?;
+    let led = lead_with(inner, conn, &mut marker, &mut pruner, stop, state).await;
+    // However leading ended, the marks of what JetStream acknowledged are written.
+    marker.settle(state, &mut pruner).await;
+    marker.close().await;
+    led
+}
+
+/// Marks published events on a connection of its own, while the leader reads and
+/// publishes the next batch: marking costs about as much as reading, and a commit
+/// waits for the WAL flush. One mark is in flight at most; the batch read meanwhile
+/// leaves out its rows, and the fence does not wait for its transaction.
+struct Marker {
+    conn: Option<PgConnection>,
+    /// The marking connection's backend.
+    pid: i32,
+    retention_zero: bool,
+    pg_options: sqlx::postgres::PgConnectOptions,
+    /// The rows being marked, and the task marking them (it hands the connection back).
+    in_flight: Vec<i64>,
+    task: Option<JoinHandle<(PgConnection, Result<(), sqlx::Error>)>>,
+}
+
+impl Marker {
+    async fn open(inner: &Inner) -> Result<Marker, sqlx::Error> {
+        let mut marker = Marker {
+            conn: None,
+            pid: 0,
+            retention_zero: inner.config.relay.retention.is_zero(),
+            pg_options: inner.pg_options.clone(),
+            in_flight: Vec::new(),
+            task: None,
+        };
+        marker.connect().await?;
+        Ok(marker)
+    }
+
+    async fn connect(&mut self) -> Result<(), sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.pg_options).await?;
+        if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
+            tracing::warn!(%error, "relay could not set up its marking session");
+        }
+        self.pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// The rows whose mark is in flight.
+    fn in_flight(&self) -> &[i64] {
+        &self.in_flight
+    }
+
+    /// Waits for the mark in flight, if any, and counts what it marked.
+    async fn settle(&mut self, state: &RelayState, pruner: &mut Pruner) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let marked = std::mem::take(&mut self.in_flight);
+        match task.await {
+            Ok((conn, Ok(()))) => {
+                self.conn = Some(conn);
+                state
+                    .published
+                    .fetch_add(marked.len() as u64, Ordering::SeqCst);
+                if let Some(last) = marked.last() {
+                    pruner.published_up_to(*last);
+                }
+            }
+            Ok((_, Err(error))) => {
+                // The rows stay pending: they are published again (JetStream keeps
+                // one copy) and marked then.
+                tracing::warn!(%error, rows = marked.len(), "relay could not mark published events; they will be sent again");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "relay's marking task failed; the events will be sent again");
+            }
+        }
+    }
+
+    /// Starts marking `published` (after the mark in flight, if any, has ended).
+    async fn start(
+        &mut self,
+        published: Vec<i64>,
+        state: &RelayState,
+        pruner: &mut Pruner,
+    ) -> Result<(), sqlx::Error> {
+        self.settle(state, pruner).await;
+        if published.is_empty() {
+            return Ok(());
+        }
+        if self.conn.is_none() {
+            self.connect().await?;
+        }
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let sql = if self.retention_zero {
+            "DELETE FROM edupulse.outbox WHERE seq = ANY($1)"
+        } else {
+            "UPDATE edupulse.outbox
+             SET status = 'published', published_at = now(), attempts = attempts + 1
+             WHERE seq = ANY($1)"
+        };
+        let seqs = published.clone();
+        self.in_flight = published;
+        self.task = Some(tokio::spawn(async move {
+            let done = sqlx::query(sql).bind(&seqs).execute(&mut conn).await;
+            (conn, done.map(|_| ()))
+        }));
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+async fn lead_with(
+    inner: &Arc<Inner>,
+    conn: &mut PgConnection,
+    marker: &mut Marker,
+    pruner: &mut Pruner,
+    stop: &mut watch::Receiver<bool>,
+    state: &RelayState,
+) -> Result<Led, sqlx::Error> {
     let settings = &inner.config.relay;
     let wake = Arc::new(Notify::new());
     let _listener = AbortOnDrop(tokio::spawn(listen(inner.pool.clone(), wake.clone())));
-    let mut pruner = Pruner::start(conn, settings.retention).await?;
     let mut given_up = HashSet::new();
     // Since when every batch has failed with nothing published.
     let mut failing_since: Option<Instant> = None;
@@ -308,10 +438,15 @@ async fn lead(
         if *stop.borrow() {
             return Ok(Led::Stopped);
         }
-        let Some(batch) = fetch_batch(conn, inner, stop, &mut given_up).await? else {
+        let Some(batch) = fetch_batch(conn, inner, stop, &mut given_up, marker).await? else {
             return Ok(Led::Stopped);
         };
         if batch.is_empty() {
+            if !marker.in_flight().is_empty() {
+                // Nothing new: let the mark in flight finish, then look again.
+                marker.settle(state, pruner).await;
+                continue;
+            }
             if !idle {
                 // From now on writers notify. Writers that saw the relay busy did not:
                 // they hold the outbox's lock from before they looked until they end,
@@ -319,7 +454,7 @@ async fn lead(
                 // fence is read after they have drawn their sequence numbers).
                 set_idle(conn, true).await?;
                 idle = true;
-                if wait_for_writers(conn, inner, stop, &mut given_up).await? {
+                if wait_for_writers(conn, inner, stop, &mut given_up, marker.pid).await? {
                     return Ok(Led::Stopped);
                 }
                 continue;
@@ -389,12 +524,9 @@ async fn lead(
         if state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Led::Crashed);
         }
-        let marked = mark(conn, inner, &batch, outcome, &mut pruner)
+        let marked = mark(conn, inner, &batch, outcome, marker, pruner, state)
             .instrument(span)
             .await?;
-        state
-            .published
-            .fetch_add(marked.published, Ordering::SeqCst);
         if whole {
             // Every event of the batch is in the stream, the last one last: JetStream
             // stored each only right after its predecessor (or had it already, and then
@@ -510,9 +642,13 @@ async fn wait_for_writers(
     inner: &Inner,
     stop: &mut watch::Receiver<bool>,
     given_up: &mut HashSet<String>,
+    skip_pid: i32,
 ) -> Result<bool, sqlx::Error> {
     let settings = &inner.config.relay;
-    let holders: Vec<String> = sqlx::query_scalar(HOLDERS).fetch_one(&mut *conn).await?;
+    let holders: Vec<String> = sqlx::query_scalar(HOLDERS)
+        .bind(skip_pid)
+        .fetch_one(&mut *conn)
+        .await?;
     given_up.retain(|vxid| holders.contains(vxid));
     let mut waiting: Vec<String> = holders
         .into_iter()
@@ -554,17 +690,21 @@ async fn fetch_batch(
     inner: &Inner,
     stop: &mut watch::Receiver<bool>,
     given_up: &mut HashSet<String>,
+    marker: &Marker,
 ) -> Result<Option<Vec<OutboxRow>>, sqlx::Error> {
     let settings = &inner.config.relay;
     let fence: i64 = sqlx::query_scalar("SELECT last_value FROM edupulse.outbox_seq_seq")
         .fetch_one(&mut *conn)
         .await?;
-    if wait_for_writers(conn, inner, stop, given_up).await? {
+    if wait_for_writers(conn, inner, stop, given_up, marker.pid).await? {
         return Ok(None);
     }
     let rows = sqlx::query(READ_BATCH)
         .bind(fence)
         .bind(i64::from(settings.batch_size))
+        // Past the rows being marked: every pending row of the batch they came from
+        // that is not among them comes after them (a failure stops the marking).
+        .bind(marker.in_flight().last().copied().unwrap_or(0))
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
@@ -752,7 +892,9 @@ async fn mark(
     inner: &Inner,
     batch: &[OutboxRow],
     outcome: Vec<Result<(), Failure>>,
+    marker: &mut Marker,
     pruner: &mut Pruner,
+    state: &RelayState,
 ) -> Result<Marked, sqlx::Error> {
     let settings = &inner.config.relay;
     let mut published = Vec::new();
@@ -773,26 +915,8 @@ async fn mark(
             }
         }
     }
-    if !published.is_empty() {
-        if settings.retention.is_zero() {
-            sqlx::query("DELETE FROM edupulse.outbox WHERE seq = ANY($1)")
-                .bind(&published)
-                .execute(&mut *conn)
-                .await?;
-        } else {
-            sqlx::query(
-                "UPDATE edupulse.outbox
-                 SET status = 'published', published_at = now(), attempts = attempts + 1
-                 WHERE seq = ANY($1)",
-            )
-            .bind(&published)
-            .execute(&mut *conn)
-            .await?;
-            if let Some(last) = published.last() {
-                pruner.published_up_to(*last);
-            }
-        }
-    }
+    let published_count = published.len() as u64;
+    marker.start(published, state, pruner).await?;
     for (row, why) in &dead {
         tracing::error!(
             id = %row.id, event = %row.name, seq = row.seq, error = %why,
@@ -843,7 +967,7 @@ async fn mark(
         );
     }
     Ok(Marked {
-        published: published.len() as u64,
+        published: published_count,
         retry_in,
     })
 }
