@@ -63,8 +63,11 @@ pub struct NatsTls {
 /// How the relay works; every field has a default (see [`RelaySettings::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySettings {
-    /// Most events read and published per batch. Default 500.
+    /// Most events read and published per batch (1 to 4,000). Default 2,000.
     pub batch_size: u32,
+    /// Most bytes of event bodies (as stored) read per batch, so that large events make
+    /// smaller batches; a batch holds at least one event. Default 8 MiB.
+    pub batch_bytes: u32,
     /// How often an idle leader looks for events without a notification. Default 1 s.
     pub poll_interval: Duration,
     /// How often a standby tries to take the lead. Default 1 s.
@@ -94,7 +97,8 @@ pub struct RelaySettings {
 impl Default for RelaySettings {
     fn default() -> Self {
         RelaySettings {
-            batch_size: 500,
+            batch_size: 2_000,
+            batch_bytes: 8 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             standby_interval: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(5),
@@ -416,6 +420,11 @@ impl ConfigBuilder {
         }
         let relay = &config.relay;
         // async-nats allows 5,000 unacknowledged publishes per context; a batch must fit.
+        if relay.batch_bytes == 0 {
+            return Err(ConfigError::OutOfRange(
+                "relay batch_bytes is 0; use 1 or more (default 8 MiB)".to_owned(),
+            ));
+        }
         if relay.batch_size == 0 || relay.batch_size > 4_000 {
             return Err(ConfigError::OutOfRange(format!(
                 "relay batch_size {} is out of range; use 1 to 4000",
@@ -657,6 +666,13 @@ mod tests {
         assert!(matches!(
             bad(base().relay(RelaySettings {
                 batch_size: 0,
+                ..RelaySettings::default()
+            })),
+            ConfigError::OutOfRange(_)
+        ));
+        assert!(matches!(
+            bad(base().relay(RelaySettings {
+                batch_bytes: 0,
                 ..RelaySettings::default()
             })),
             ConfigError::OutOfRange(_)

@@ -60,14 +60,27 @@ WHERE locktype = 'relation'
   AND relation = 'edupulse.outbox'::regclass
   AND (virtualtransaction = ANY($1) OR pid IS NULL)";
 
+/// The next pending events up to the fence, at most `$2` of them and, after the first,
+/// only while the bodies read so far (as stored) stay under `$4` bytes.
 const READ_BATCH: &str = "\
 SELECT seq, id, name, version, subject, payload::text AS payload, source, correlation_id,
-       causation_id, traceparent, occurred_at, attempts,
-       greatest(0, extract(epoch FROM next_attempt_at - clock_timestamp()))::float8 AS wait_secs
-FROM edupulse.outbox
-WHERE status = 'pending' AND seq <= $1 AND seq > $3
-ORDER BY seq
-LIMIT $2";
+       causation_id, traceparent, occurred_at, attempts, wait_secs
+FROM (
+    SELECT seq, id, name, version, subject, payload, source, correlation_id, causation_id,
+           traceparent, occurred_at, attempts,
+           greatest(0, extract(epoch FROM next_attempt_at - clock_timestamp()))::float8
+               AS wait_secs,
+           sum(pg_column_size(payload)) OVER (ORDER BY seq) - pg_column_size(payload)
+               AS before
+    FROM (
+        SELECT * FROM edupulse.outbox
+        WHERE status = 'pending' AND seq <= $1 AND seq > $3
+        ORDER BY seq
+        LIMIT $2
+    ) AS next
+) AS sized
+WHERE before < $4
+ORDER BY seq";
 
 /// A running relay; stop it with [`RelayHandle::shutdown`].
 #[derive(Debug)]
@@ -82,6 +95,7 @@ struct RelayState {
     leader: AtomicBool,
     published: AtomicU64,
     sent: AtomicU64,
+    batches: AtomicU64,
     crash_before_mark: AtomicBool,
 }
 
@@ -110,6 +124,12 @@ impl RelayHandle {
     /// twice and left to JetStream's duplicate removal.
     pub fn sent(&self) -> u64 {
         self.state.sent.load(Ordering::SeqCst)
+    }
+
+    /// How many batches this relay has published (`published / batches` is the
+    /// average batch).
+    pub fn batches(&self) -> u64 {
+        self.state.batches.load(Ordering::SeqCst)
     }
 
     /// Test hook: at its next batch the relay publishes, then drops its leader
@@ -521,6 +541,7 @@ async fn lead_with(
             .instrument(span.clone())
             .await;
         let whole = outcome.iter().all(Result::is_ok);
+        state.batches.fetch_add(1, Ordering::SeqCst);
         if state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Led::Crashed);
         }
@@ -705,6 +726,7 @@ async fn fetch_batch(
         // Past the rows being marked: every pending row of the batch they came from
         // that is not among them comes after them (a failure stops the marking).
         .bind(marker.in_flight().last().copied().unwrap_or(0))
+        .bind(i64::from(settings.batch_bytes))
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()

@@ -381,3 +381,64 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
     assert_stream_is(&env, &js, &ids).await;
     relay.shutdown().await.unwrap();
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "lesson.attached")]
+pub struct LessonAttached {
+    pub counter: u32,
+    pub notes: String,
+}
+
+#[tokio::test]
+async fn large_events_make_smaller_batches() {
+    let env = TestEnv::new().await;
+    let cap = 25_000;
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            batch_bytes: cap,
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    // About 10 KB each, not very compressible (random UUIDs).
+    let notes = |_: u32| {
+        (0..280)
+            .map(|_| Uuid::new_v4().to_string())
+            .collect::<String>()
+    };
+    let ids = service
+        .emit_all((0..20).map(|counter| LessonAttached {
+            counter,
+            notes: notes(counter),
+        }))
+        .await
+        .unwrap();
+    // The batches the rule makes: each takes events while the bodies before stay
+    // under the cap.
+    let sizes: Vec<i64> = sqlx::query_scalar(
+        "SELECT pg_column_size(payload)::int8 FROM edupulse.outbox ORDER BY seq",
+    )
+    .fetch_all(service.pool())
+    .await
+    .unwrap();
+    assert!(
+        sizes.iter().all(|s| *s > 5_000),
+        "bodies stay large as stored: {sizes:?}"
+    );
+    let mut expected = 0;
+    let mut before = i64::from(u32::MAX);
+    for size in &sizes {
+        if before >= i64::from(cap) {
+            expected += 1;
+            before = 0;
+        }
+        before += size;
+    }
+
+    let relay = service.start_relay();
+    let js = env.jetstream().await;
+    wait_for(WAIT, "every event", || async { relay.published() == 20 }).await;
+    assert_eq!(relay.batches(), expected, "batches for bodies of {sizes:?}");
+    assert!(expected >= 7);
+    assert_stream_is(&env, &js, &ids).await;
+    relay.shutdown().await.unwrap();
+}
