@@ -682,18 +682,7 @@ async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Res
             );
         }
     };
-    bounded(
-        "relay",
-        "relay shutdown",
-        Duration::from_secs(30),
-        None,
-        async { Ok(relay.shutdown().await?) },
-    )
-    .await?;
-    let left = pending(service.pool()).await?;
-    if left != 0 {
-        return Err(format!("stage relay: {left} events still pending after the drain").into());
-    }
+    shut_down_drained("relay", "relay shutdown", relay, service.pool()).await?;
     eprintln!(
         "  [relay] {label}: drained {n} in {:.2?} ({:.0} events/s)",
         took,
@@ -701,6 +690,24 @@ async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Res
     );
     truncate(service.pool()).await?;
     Ok(took.as_secs_f64())
+}
+
+/// Shuts a relay down (with a deadline) and checks that it left nothing pending.
+async fn shut_down_drained(
+    stage: &'static str,
+    what: &'static str,
+    relay: edupulse_events::RelayHandle,
+    pool: &sqlx::PgPool,
+) -> Result<(), Error> {
+    bounded(stage, what, Duration::from_secs(30), None, async {
+        Ok(relay.shutdown().await?)
+    })
+    .await?;
+    let left = pending(pool).await?;
+    if left != 0 {
+        return Err(format!("stage {stage}: {left} events still pending after the drain").into());
+    }
+    Ok(())
 }
 
 async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
@@ -1447,18 +1454,13 @@ pub fn relay_child(limit_secs: Option<&str>) -> std::process::ExitCode {
                 return Err(error);
             }
         };
-        bounded(
+        shut_down_drained(
             "memory",
             "relay child: relay shutdown",
-            Duration::from_secs(30),
-            None,
-            async { Ok(relay.shutdown().await?) },
+            relay,
+            service.pool(),
         )
         .await?;
-        let left = pending(service.pool()).await?;
-        if left != 0 {
-            return Err(format!("{left} events still pending after the drain").into());
-        }
         eprintln!(
             "  [memory] relay drained {n} in {took:.1?} ({:.0} events/s)",
             n as f64 / took.as_secs_f64()
