@@ -161,6 +161,60 @@ fn batchy_plans(writers: u32, events: u64, over: Duration) -> Vec<WriterPlan> {
         .collect()
 }
 
+/// What scenarios 2 and 3 start with: the tables, the relay (on `relay_service`), an
+/// in-process consumer (on `consumer_service`) and four writers of 2,000 events (long:
+/// 20,000) paced over 10 s (long: 90 s).
+struct Workload {
+    check_pool: PgPool,
+    relay: edupulse_events::RelayHandle,
+    consumer: edupulse_events::ConsumerHandle,
+    js: async_nats::jetstream::Context,
+    history: Arc<History>,
+    writers: Vec<tokio::task::JoinHandle<WriterStats>>,
+    /// Dropping it tells the writers to stop.
+    _stop: watch::Sender<bool>,
+}
+
+async fn start_workload(
+    run: &mut Run,
+    env: &TestEnv,
+    relay_service: &EventService,
+    consumer_service: &EventService,
+) -> Workload {
+    let check_pool = direct_pool(env).await;
+    create_tables(&check_pool).await;
+    let relay = relay_service.start_relay();
+    let consumer = effects_consumer(consumer_service, GROUP, suite_consumer(), "in-process")
+        .start()
+        .await
+        .expect("start the consumer");
+    let js = env.jetstream().await;
+    let events = run.scale.pick(2_000, 20_000);
+    let history = Arc::new(History::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let writers = spawn_writers(
+        relay_service,
+        writer_plans(
+            4,
+            events,
+            run.scale
+                .pick(Duration::from_secs(10), Duration::from_secs(90)),
+        ),
+        &history,
+        &mut run.rng,
+        &stop,
+    );
+    Workload {
+        check_pool,
+        relay,
+        consumer,
+        js,
+        history,
+        writers,
+        _stop: stop_tx,
+    }
+}
+
 /// 1. The relay process is killed with SIGKILL at random points, many times, while
 ///    writers emit; two relay processes run, and the leader is the one killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,30 +318,15 @@ async fn nats_killed_and_paused(name: &'static str, bursts: u64) -> Report {
     let mut nats = NatsServer::start().await;
     let env = TestEnv::with_nats(nats.url()).await;
     let service = env.service_with(suite_config(&env)).await;
-    let check_pool = direct_pool(&env).await;
-    create_tables(&check_pool).await;
-    let relay = service.start_relay();
-    let consumer = effects_consumer(&service, GROUP, suite_consumer(), "in-process")
-        .start()
-        .await
-        .expect("start the consumer");
-    let js = env.jetstream().await;
-
-    let events = run.scale.pick(2_000, 20_000);
-    let history = Arc::new(History::new());
-    let (_stop, stop) = watch::channel(false);
-    let writers = spawn_writers(
-        &service,
-        writer_plans(
-            4,
-            events,
-            run.scale
-                .pick(Duration::from_secs(10), Duration::from_secs(90)),
-        ),
-        &history,
-        &mut run.rng,
-        &stop,
-    );
+    let Workload {
+        check_pool,
+        relay,
+        consumer,
+        js,
+        history,
+        writers,
+        _stop,
+    } = start_workload(&mut run, &env, &service, &service).await;
     let ack_timeout = suite_relay().ack_timeout;
     let recover = Duration::from_secs(30);
     for round in 0..run.scale.pick(2, 8) {
@@ -398,30 +437,15 @@ async fn s3_stalled_nats_connection_and_late_acks() {
         .service_with(suite_config(&env).nats_url(format!("nats://{}", proxy.addr())))
         .await;
     let consumer_service = env.service_with(suite_config(&env)).await;
-    let check_pool = direct_pool(&env).await;
-    create_tables(&check_pool).await;
-    let relay = relay_service.start_relay();
-    let consumer = effects_consumer(&consumer_service, GROUP, suite_consumer(), "in-process")
-        .start()
-        .await
-        .expect("start the consumer");
-    let js = env.jetstream().await;
-
-    let events = run.scale.pick(2_000, 20_000);
-    let history = Arc::new(History::new());
-    let (_stop, stop) = watch::channel(false);
-    let writers = spawn_writers(
-        &relay_service,
-        writer_plans(
-            4,
-            events,
-            run.scale
-                .pick(Duration::from_secs(10), Duration::from_secs(90)),
-        ),
-        &history,
-        &mut run.rng,
-        &stop,
-    );
+    let Workload {
+        check_pool,
+        relay,
+        consumer,
+        js,
+        history,
+        writers,
+        _stop,
+    } = start_workload(&mut run, &env, &relay_service, &consumer_service).await;
     let ack_timeout = suite_relay().ack_timeout;
     let recover = Duration::from_secs(30);
     let mut rounds: Vec<Direction> = Vec::new();

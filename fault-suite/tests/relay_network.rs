@@ -11,11 +11,11 @@
 //! hold every event once, in sequence order.
 
 use edupulse_events::{DomainEvent, RelaySettings};
-use edupulse_events_tests::{shared_nats_url, wait_for, TestEnv};
+use edupulse_events_tests::{wait_for, TestEnv};
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
+use edupulse_fault_suite::workload::shared_nats_addr;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -29,14 +29,6 @@ struct Bulky {
 }
 
 const EVENTS: u32 = 2_000;
-
-/// The shared NATS server's address, for a proxy in front of it.
-fn shared_nats_addr() -> SocketAddr {
-    shared_nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("EDUPULSE_TEST_NATS_URL is nats://ip:port")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
