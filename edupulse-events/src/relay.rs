@@ -42,6 +42,20 @@ SET tcp_keepalives_interval = 5;
 SET tcp_keepalives_count = 3;
 SET tcp_user_timeout = 25000;";
 
+/// Opens one of the relay's own connections (the leader's, the marker's). The leader's
+/// lock lives as long as its session. A relay whose host vanishes sends no FIN: the
+/// session setup lets the server notice within about 25 s (not the kernel's two hours)
+/// and free the lock for a standby. Ignored on a Unix socket.
+async fn open_session(
+    options: &sqlx::postgres::PgConnectOptions,
+) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
+        tracing::warn!(%error, "relay could not set up its session");
+    }
+    Ok(conn)
+}
+
 const HOLDERS: &str = "\
 SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
 FROM pg_locks
@@ -190,17 +204,8 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
         }
         let mut conn = match standby.take() {
             Some(conn) => conn,
-            None => match PgConnection::connect_with(&inner.pg_options).await {
-                Ok(mut conn) => {
-                    // The leader's lock lives as long as its session. A relay whose
-                    // host vanishes sends no FIN: these let the server notice within
-                    // about 25 s (not the kernel's two hours) and free the lock for a
-                    // standby. Ignored on a Unix socket.
-                    if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
-                        tracing::warn!(%error, "relay could not set up its session");
-                    }
-                    conn
-                }
+            None => match open_session(&inner.pg_options).await {
+                Ok(conn) => conn,
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot reach Postgres; retrying");
                     if sleep_or_stop(&mut stop, settings.standby_interval).await {
@@ -351,10 +356,7 @@ impl Marker {
     }
 
     async fn connect(&mut self) -> Result<(), sqlx::Error> {
-        let mut conn = PgConnection::connect_with(&self.pg_options).await?;
-        if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
-            tracing::warn!(%error, "relay could not set up its marking session");
-        }
+        let mut conn = open_session(&self.pg_options).await?;
         self.pid = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut conn)
             .await?;
