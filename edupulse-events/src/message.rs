@@ -47,45 +47,75 @@ pub(crate) struct Outbound<'a> {
     pub traceparent: Option<&'a str>,
 }
 
+/// The most the relay's chain header can add to a message: `Nats-Expected-Last-Msg-Id`
+/// naming the previous event's id (a UUID, 36 characters); the alternative,
+/// `Nats-Expected-Last-Sequence` with a 20-digit number, is shorter.
+pub(crate) const CHAIN_HEADER_WIRE_LEN: usize = "Nats-Expected-Last-Msg-Id".len() + 2 + 36 + 2;
+
 impl Outbound<'_> {
-    /// The headers, in order, as (name, value).
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
+    /// Calls `f` with each header, in order, as (name, value), building no strings
+    /// but the time's: the ids and the version are written into stack buffers.
+    fn each_header<E>(
+        &self,
+        mut f: impl FnMut(&'static str, &str) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut id = Uuid::encode_buffer();
+        let id = self.id.hyphenated().encode_lower(&mut id);
         let time = self
             .occurred_at
             .format(&Rfc3339)
             .unwrap_or_else(|_| self.occurred_at.unix_timestamp().to_string());
-        let mut out = vec![
-            (headers::SPEC_VERSION, "1.0".to_owned()),
-            (headers::ID, self.id.to_string()),
-            (headers::TYPE, self.name.to_owned()),
-            (headers::SOURCE, self.source.to_owned()),
-            (headers::TIME, time),
-            (headers::VERSION, self.version.to_string()),
-            (headers::SUBJECT, self.subject.to_owned()),
-            (headers::CONTENT_TYPE, "application/json".to_owned()),
-            (headers::MSG_ID, self.id.to_string()),
-        ];
-        if let Some(id) = self.correlation_id {
-            out.push((headers::CORRELATION_ID, id.to_string()));
+        let mut version = [0u8; 12];
+        let version = format_i32(self.version, &mut version);
+        f(headers::SPEC_VERSION, "1.0")?;
+        f(headers::ID, id)?;
+        f(headers::TYPE, self.name)?;
+        f(headers::SOURCE, self.source)?;
+        f(headers::TIME, &time)?;
+        f(headers::VERSION, version)?;
+        f(headers::SUBJECT, self.subject)?;
+        f(headers::CONTENT_TYPE, "application/json")?;
+        f(headers::MSG_ID, id)?;
+        let mut other = Uuid::encode_buffer();
+        if let Some(correlation) = self.correlation_id {
+            f(
+                headers::CORRELATION_ID,
+                correlation.hyphenated().encode_lower(&mut other),
+            )?;
         }
-        if let Some(id) = self.causation_id {
-            out.push((headers::CAUSATION_ID, id.to_string()));
+        if let Some(causation) = self.causation_id {
+            f(
+                headers::CAUSATION_ID,
+                causation.hyphenated().encode_lower(&mut other),
+            )?;
         }
         if let Some(traceparent) = self.traceparent {
-            out.push((headers::TRACEPARENT, traceparent.to_owned()));
+            f(headers::TRACEPARENT, traceparent)?;
         }
+        Ok(())
+    }
+
+    /// The headers, in order, as (name, value).
+    #[cfg(test)]
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let _ = self.each_header(|name, value| {
+            out.push((name, value.to_owned()));
+            Ok::<(), ()>(())
+        });
         out
     }
 
     /// The size of the header block on the wire (`NATS/1.0\r\n`, `name: value\r\n`
-    /// each, and the closing `\r\n`), which counts against the server's max_payload.
+    /// each, and the closing `\r\n`), which counts against the server's max_payload,
+    /// with room for the chain header the relay adds ([`CHAIN_HEADER_WIRE_LEN`]).
     pub fn headers_wire_len(&self) -> usize {
-        let lines: usize = self
-            .headers()
-            .iter()
-            .map(|(name, value)| name.len() + 2 + value.len() + 2)
-            .sum();
-        "NATS/1.0\r\n".len() + lines + 2
+        let mut lines = 0;
+        let _ = self.each_header(|name, value| {
+            lines += name.len() + 2 + value.len() + 2;
+            Ok::<(), ()>(())
+        });
+        "NATS/1.0\r\n".len() + lines + CHAIN_HEADER_WIRE_LEN + 2
     }
 
     /// The headers as an async-nats map.
@@ -94,14 +124,39 @@ impl Outbound<'_> {
     /// A header value that NATS cannot carry (a line break), described.
     pub fn header_map(&self) -> Result<async_nats::HeaderMap, String> {
         let mut map = async_nats::HeaderMap::new();
-        for (name, value) in self.headers() {
-            let value: async_nats::HeaderValue = value
-                .parse()
-                .map_err(|_| format!("header {name} has a value NATS cannot carry"))?;
-            map.insert(name, value);
-        }
+        self.each_header(|name, value| {
+            if value.contains(['\r', '\n']) {
+                return Err(format!("header {name} has a value NATS cannot carry"));
+            }
+            // Checked above, so the conversion cannot panic; a static name is not
+            // copied.
+            map.insert(
+                async_nats::header::HeaderName::from_static(name),
+                async_nats::HeaderValue::from(value.to_owned()),
+            );
+            Ok(())
+        })?;
         Ok(map)
     }
+}
+
+/// Writes `value` in decimal into `buf` (12 bytes hold any i32) and returns it.
+fn format_i32(value: i32, buf: &mut [u8; 12]) -> &str {
+    let mut at = buf.len();
+    let mut rest = value.unsigned_abs();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
 }
 
 /// Checks a W3C `traceparent`: `00-{32 hex}-{16 hex}-{2 hex}`, lowercase.
@@ -161,8 +216,53 @@ mod tests {
             .iter()
             .map(|(k, v)| k.len() + v.len() + 4)
             .sum::<usize>()
-            + 12;
+            + 12
+            + CHAIN_HEADER_WIRE_LEN;
         assert_eq!(envelope.headers_wire_len(), wire);
+        // What the relay sends with the chain header fits in what emit counted.
+        let mut chained = map.clone();
+        chained.insert("Nats-Expected-Last-Msg-Id", id.to_string().as_str());
+        let on_wire: usize = chained
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| k.to_string().len() + v.as_str().len() + 4)
+            })
+            .sum::<usize>()
+            + 12;
+        assert_eq!(on_wire, wire);
+        for (name, value) in &headers {
+            assert_eq!(
+                map.get(*name).map(|v| v.as_str()),
+                Some(value.as_str()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions_are_written_in_decimal() {
+        let mut buf = [0u8; 12];
+        for v in [0, 1, 9, 10, 42, 1_000_000, i32::MAX, -1, -10, i32::MIN] {
+            assert_eq!(format_i32(v, &mut buf), v.to_string());
+        }
+    }
+
+    #[test]
+    fn a_line_break_in_a_value_is_refused_not_sent() {
+        let envelope = Outbound {
+            id: Uuid::now_v7(),
+            name: "lesson.published",
+            version: 1,
+            subject: "lesson.published",
+            source: "svc\r\nX-Injected: 1",
+            occurred_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            correlation_id: None,
+            causation_id: None,
+            traceparent: None,
+        };
+        let error = envelope.header_map().expect_err("line break");
+        assert!(error.contains("ce-source"), "{error}");
     }
 
     #[test]

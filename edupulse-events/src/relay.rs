@@ -460,7 +460,7 @@ async fn lead_with(
         if *stop.borrow() {
             return Ok(Led::Stopped);
         }
-        let Some(batch) = fetch_batch(conn, inner, stop, &mut given_up, marker).await? else {
+        let Some(mut batch) = fetch_batch(conn, inner, stop, &mut given_up, marker).await? else {
             return Ok(Led::Stopped);
         };
         if batch.is_empty() {
@@ -539,7 +539,7 @@ async fn lead_with(
                 }
             },
         };
-        let outcome = publish(inner, &batch, &known_tail, &state.sent)
+        let outcome = publish(inner, &mut batch, &known_tail, &state.sent)
             .instrument(span.clone())
             .await;
         let whole = outcome.iter().all(Result::is_ok);
@@ -731,22 +731,24 @@ async fn fetch_batch(
         .bind(i64::from(settings.batch_bytes))
         .fetch_all(&mut *conn)
         .await?;
+    // By position, in READ_BATCH's column order: a lookup by name per column and row
+    // shows in the relay's profile.
     rows.iter()
         .map(|row| {
             Ok(OutboxRow {
-                seq: row.try_get("seq")?,
-                id: row.try_get("id")?,
-                name: row.try_get("name")?,
-                version: row.try_get("version")?,
-                subject: row.try_get("subject")?,
-                payload: row.try_get("payload")?,
-                source: row.try_get("source")?,
-                correlation_id: row.try_get("correlation_id")?,
-                causation_id: row.try_get("causation_id")?,
-                traceparent: row.try_get("traceparent")?,
-                occurred_at: row.try_get("occurred_at")?,
-                attempts: row.try_get("attempts")?,
-                wait_secs: row.try_get("wait_secs")?,
+                seq: row.try_get(0)?,
+                id: row.try_get(1)?,
+                name: row.try_get(2)?,
+                version: row.try_get(3)?,
+                subject: row.try_get(4)?,
+                payload: row.try_get(5)?,
+                source: row.try_get(6)?,
+                correlation_id: row.try_get(7)?,
+                causation_id: row.try_get(8)?,
+                traceparent: row.try_get(9)?,
+                occurred_at: row.try_get(10)?,
+                attempts: row.try_get(11)?,
+                wait_secs: row.try_get(12)?,
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -788,11 +790,6 @@ fn classify(error: &PublishError) -> Failure {
         _ => Failure::Transient(message),
     }
 }
-
-/// The header that makes JetStream store a message only right after the given one.
-const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
-/// The same, by the stream's last sequence (for a tail without a message id).
-const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
 
 /// What the stream's last message is, as far as this relay knows: the predecessor the
 /// first message of the next batch names.
@@ -851,14 +848,14 @@ async fn read_tail(inner: &Inner) -> Result<Tail, String> {
 /// in the stream is acked as a duplicate whatever its predecessor.
 async fn publish(
     inner: &Inner,
-    batch: &[OutboxRow],
+    batch: &mut [OutboxRow],
     tail: &Tail,
     sent_count: &AtomicU64,
 ) -> Vec<Result<(), Failure>> {
     let prefix = &inner.config.subject_prefix;
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
     let mut previous = tail.clone();
-    for row in batch {
+    for row in batch.iter_mut() {
         let mut headers = match row.envelope().header_map() {
             Ok(headers) => headers,
             Err(why) => {
@@ -866,15 +863,23 @@ async fn publish(
                 continue;
             }
         };
-        match &previous {
-            Tail::MsgId(id) => headers.insert(EXPECTED_LAST_MSG_ID, id.as_str()),
-            Tail::Sequence(sequence) => {
-                headers.insert(EXPECTED_LAST_SEQUENCE, sequence.to_string().as_str())
-            }
+        match std::mem::replace(&mut previous, Tail::Empty) {
+            Tail::MsgId(id) => headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                async_nats::HeaderValue::from(id),
+            ),
+            Tail::Sequence(sequence) => headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+                async_nats::HeaderValue::from(sequence),
+            ),
             Tail::Empty => {}
         }
-        let subject = format!("{prefix}.{}", row.subject);
-        let payload = Bytes::from(row.payload.clone().into_bytes());
+        let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
+        subject.push_str(prefix);
+        subject.push('.');
+        subject.push_str(&row.subject);
+        // The body is not needed after this: a failed event is read again.
+        let payload = Bytes::from(std::mem::take(&mut row.payload).into_bytes());
         match inner
             .jetstream
             .publish_with_headers(subject, headers, payload)
