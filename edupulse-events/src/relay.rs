@@ -84,7 +84,8 @@ FROM (
            traceparent, occurred_at, attempts,
            greatest(0, extract(epoch FROM next_attempt_at - clock_timestamp()))::float8
                AS wait_secs,
-           sum(pg_column_size(payload)) OVER (ORDER BY seq) - pg_column_size(payload)
+           sum(pg_column_size(payload)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING)
+               - pg_column_size(payload)
                AS before
     FROM (
         SELECT * FROM edupulse.outbox
@@ -456,12 +457,25 @@ async fn lead_with(
     // The stream's last message, when known (after a batch that went through whole).
     let mut tail: Option<Tail> = None;
     let mut tail_failures: i32 = 0;
+    // The next batch, read while the last one was being published.
+    let mut prefetched: Option<Vec<OutboxRow>> = None;
     loop {
         if *stop.borrow() {
             return Ok(Led::Stopped);
         }
-        let Some(mut batch) = fetch_batch(conn, inner, stop, &mut given_up, marker).await? else {
-            return Ok(Led::Stopped);
+        let mut batch = match prefetched.take() {
+            Some(batch) => batch,
+            None => {
+                // Past the rows being marked: every pending row of the batch they came
+                // from that is not among them comes after them (a failure stops the
+                // marking).
+                let after = marker.in_flight().last().copied().unwrap_or(0);
+                let fetched = fetch_batch(conn, inner, stop, &mut given_up, marker.pid, after);
+                let Some(batch) = fetched.await? else {
+                    return Ok(Led::Stopped);
+                };
+                batch
+            }
         };
         if batch.is_empty() {
             if !marker.in_flight().is_empty() {
@@ -539,9 +553,20 @@ async fn lead_with(
                 }
             },
         };
-        let outcome = publish(inner, &mut batch, &known_tail, &state.sent)
-            .instrument(span.clone())
-            .await;
+        // While a busy relay's batch is published (NATS' work), the next is read
+        // (Postgres' work), starting after this one; it is used only if this one goes
+        // through whole, and otherwise read again.
+        let read_ahead = (batch.len() >= BUSY_BATCH).then(|| batch[batch.len() - 1].seq);
+        let publishing =
+            publish(inner, &mut batch, &known_tail, &state.sent).instrument(span.clone());
+        let (outcome, next) = match read_ahead {
+            Some(after) => {
+                let reading = fetch_batch(conn, inner, stop, &mut given_up, marker.pid, after);
+                let (outcome, next) = tokio::join!(publishing, reading);
+                (outcome, Some(next))
+            }
+            None => (publishing.await, None),
+        };
         let whole = outcome.iter().all(Result::is_ok);
         state.batches.fetch_add(1, Ordering::SeqCst);
         if state.crash_before_mark.load(Ordering::SeqCst) {
@@ -550,6 +575,11 @@ async fn lead_with(
         let marked = mark(conn, inner, &batch, outcome, marker, pruner, state)
             .instrument(span)
             .await?;
+        match next.transpose()? {
+            Some(None) => return Ok(Led::Stopped),
+            Some(Some(next)) if whole => prefetched = Some(next),
+            _ => {}
+        }
         if whole {
             // Every event of the batch is in the stream, the last one last: JetStream
             // stored each only right after its predecessor (or had it already, and then
@@ -707,27 +737,28 @@ async fn wait_for_writers(
     }
 }
 
-/// Reads the next batch up to the fence; `None` if told to stop while waiting.
+/// Reads the next batch up to the fence, of events after `after`; `None` if told to
+/// stop while waiting. `marker_pid` is the marking connection's backend, whose
+/// transaction the fence does not wait for.
 async fn fetch_batch(
     conn: &mut PgConnection,
     inner: &Inner,
     stop: &mut watch::Receiver<bool>,
     given_up: &mut HashSet<String>,
-    marker: &Marker,
+    marker_pid: i32,
+    after: i64,
 ) -> Result<Option<Vec<OutboxRow>>, sqlx::Error> {
     let settings = &inner.config.relay;
     let fence: i64 = sqlx::query_scalar("SELECT last_value FROM edupulse.outbox_seq_seq")
         .fetch_one(&mut *conn)
         .await?;
-    if wait_for_writers(conn, inner, stop, given_up, marker.pid).await? {
+    if wait_for_writers(conn, inner, stop, given_up, marker_pid).await? {
         return Ok(None);
     }
     let rows = sqlx::query(READ_BATCH)
         .bind(fence)
         .bind(i64::from(settings.batch_size))
-        // Past the rows being marked: every pending row of the batch they came from
-        // that is not among them comes after them (a failure stops the marking).
-        .bind(marker.in_flight().last().copied().unwrap_or(0))
+        .bind(after)
         .bind(i64::from(settings.batch_bytes))
         .fetch_all(&mut *conn)
         .await?;
