@@ -40,7 +40,9 @@ pub use edupulse_events_derive::DomainEvent;
 pub use event::{check_token, DomainEvent, SubjectError, TokenProblem, MAX_TOKEN_LEN};
 pub use message::headers;
 pub use migrate::{migrator, MigrateError, SCHEMA};
-pub use outbox::{DeadEvent, EmitError, EmitErrorKind, OutboxStatus, Outgoing, Requeue};
+pub use outbox::{
+    DeadEvent, EmitError, EmitErrorKind, EventState, OutboxStatus, Outgoing, Requeue,
+};
 pub use registry::{
     registry, DecodeError, DecodedEvent, DuplicateName, EventType, Registry, RegistryError,
 };

@@ -656,14 +656,15 @@ impl EventService {
     pub async fn outbox_status(&self) -> Result<OutboxStatus, sqlx::Error> {
         let row = sqlx::query(
             "SELECT
-                (SELECT count(*) FROM edupulse.outbox WHERE status = 'pending') AS pending,
+                (SELECT count(*) FROM edupulse.outbox
+                 WHERE status = 'pending' AND seq > mark.through) AS pending,
                 (SELECT count(*) FROM edupulse.outbox WHERE status = 'dead') AS dead,
                 oldest.seq AS oldest_seq,
                 extract(epoch FROM (clock_timestamp() - oldest.occurred_at))::float8 AS age
-             FROM (SELECT 1) AS one
+             FROM (SELECT published_through AS through FROM edupulse.relay_progress) AS mark
              LEFT JOIN LATERAL (
                 SELECT seq, occurred_at FROM edupulse.outbox
-                WHERE status = 'pending' ORDER BY seq LIMIT 1
+                WHERE status = 'pending' AND seq > mark.through ORDER BY seq LIMIT 1
              ) AS oldest ON true",
         )
         .fetch_one(&self.inner.pool)
@@ -707,32 +708,71 @@ impl EventService {
     /// # Errors
     /// The Postgres error, if the update failed.
     pub async fn requeue_dead(&self, which: Requeue) -> Result<u64, sqlx::Error> {
-        let mut tx = self.inner.pool.begin().await?;
-        let result = match which {
-            Requeue::All => {
-                sqlx::query(
-                    "UPDATE edupulse.outbox SET status = 'pending', attempts = 0,
-                        next_attempt_at = now()
-                     WHERE status = 'dead'",
-                )
-                .execute(&mut *tx)
-                .await?
-            }
-            Requeue::Ids(ids) => {
-                sqlx::query(
-                    "UPDATE edupulse.outbox SET status = 'pending', attempts = 0,
-                        next_attempt_at = now()
-                     WHERE status = 'dead' AND id = ANY($1)",
-                )
-                .bind(ids)
-                .execute(&mut *tx)
-                .await?
-            }
+        // Each gets a new sequence number, in the order they had: the relay's mark
+        // (`published_through`) may be past their old one, and they are published after
+        // everything emitted so far anyway.
+        let ids = match which {
+            Requeue::All => None,
+            Requeue::Ids(ids) => Some(ids),
         };
+        let mut tx = self.inner.pool.begin().await?;
+        let result = sqlx::query(
+            "WITH dead AS (
+                SELECT seq FROM edupulse.outbox
+                WHERE status = 'dead' AND ($1::uuid[] IS NULL OR id = ANY($1))
+                ORDER BY seq
+                FOR UPDATE
+             ),
+             renumbered AS (
+                SELECT seq AS old, nextval('edupulse.outbox_seq_seq') AS new
+                FROM (SELECT seq FROM dead ORDER BY seq) AS ordered
+             )
+             UPDATE edupulse.outbox AS o
+             SET seq = r.new, status = 'pending', attempts = 0, next_attempt_at = now()
+             FROM renumbered AS r
+             WHERE o.seq = r.old",
+        )
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(NOTIFY).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(result.rows_affected())
     }
+
+    /// Where one event stands in the outbox: `None` if it is not there (never
+    /// committed, or published and pruned after the retention).
+    ///
+    /// # Errors
+    /// The Postgres error, if the query failed.
+    pub async fn event_state(&self, id: Uuid) -> Result<Option<EventState>, sqlx::Error> {
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT CASE WHEN o.status = 'pending' AND o.seq <= p.published_through
+                         THEN 'published' ELSE o.status END
+             FROM edupulse.outbox AS o, edupulse.relay_progress AS p
+             WHERE o.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.inner.pool)
+        .await?;
+        Ok(state.map(|state| match state.as_str() {
+            "published" => EventState::Published,
+            "dead" => EventState::Dead,
+            _ => EventState::Pending,
+        }))
+    }
+}
+
+/// Where an event stands in the outbox, as [`EventService::event_state`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventState {
+    /// Committed, not yet published.
+    Pending,
+    /// In the stream, acknowledged by JetStream.
+    Published,
+    /// JetStream rejected it for good; see [`EventService::requeue_dead`].
+    Dead,
 }
 
 #[cfg(test)]

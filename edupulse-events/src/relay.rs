@@ -327,18 +327,49 @@ async fn lead(
     led
 }
 
+/// What one mark records.
+enum Mark {
+    /// Every event up to this seq is published or dead: one update of
+    /// `edupulse.relay_progress` (with retention zero, the range is also deleted).
+    /// `published` counts the events published (the rest were dead).
+    Through { seq: i64, published: u64 },
+    /// These events are published, each marked by its status: while the relay cannot
+    /// vouch for the order (see [`lead_with`]'s `held`).
+    Rows(Vec<i64>),
+}
+
+impl Mark {
+    /// The highest seq it covers.
+    fn last(&self) -> Option<i64> {
+        match self {
+            Mark::Through { seq, .. } => Some(*seq),
+            Mark::Rows(rows) => rows.last().copied(),
+        }
+    }
+
+    fn published(&self) -> u64 {
+        match self {
+            Mark::Through { published, .. } => *published,
+            Mark::Rows(rows) => rows.len() as u64,
+        }
+    }
+}
+
 /// Marks published events on a connection of its own, while the leader reads and
-/// publishes the next batch: marking costs about as much as reading, and a commit
-/// waits for the WAL flush. One mark is in flight at most; the batch read meanwhile
-/// leaves out its rows, and the fence does not wait for its transaction.
+/// publishes the next batch: a commit waits for the WAL flush. One mark is in flight
+/// at most; the batch read meanwhile starts after it, and the fence does not wait for
+/// its transaction.
 struct Marker {
     conn: Option<PgConnection>,
     /// The marking connection's backend.
     pid: i32,
     retention_zero: bool,
     pg_options: sqlx::postgres::PgConnectOptions,
-    /// The rows being marked, and the task marking them (it hands the connection back).
-    in_flight: Vec<i64>,
+    /// `edupulse.relay_progress.published_through` as this relay last wrote or read it:
+    /// every pending event at or below it is published.
+    through: i64,
+    /// The mark in flight, and the task writing it (it hands the connection back).
+    in_flight: Option<Mark>,
     task: Option<JoinHandle<(PgConnection, Result<(), sqlx::Error>)>>,
 }
 
@@ -349,7 +380,8 @@ impl Marker {
             pid: 0,
             retention_zero: inner.config.relay.retention.is_zero(),
             pg_options: inner.pg_options.clone(),
-            in_flight: Vec::new(),
+            through: 0,
+            in_flight: None,
             task: None,
         };
         marker.connect().await?;
@@ -358,16 +390,31 @@ impl Marker {
 
     async fn connect(&mut self) -> Result<(), sqlx::Error> {
         let mut conn = open_session(&self.pg_options).await?;
-        self.pid = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?;
+        let (pid, through): (i32, i64) = sqlx::query_as(
+            "SELECT pg_backend_pid(),
+                    (SELECT published_through FROM edupulse.relay_progress)",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        self.pid = pid;
+        self.through = self.through.max(through);
         self.conn = Some(conn);
         Ok(())
     }
 
-    /// The rows whose mark is in flight.
-    fn in_flight(&self) -> &[i64] {
-        &self.in_flight
+    /// Where the next read starts: after the mark in flight, or else after the mark.
+    /// Every pending event at or below it is published or being marked (a failed mark
+    /// sets it back, so its events are read and sent again).
+    fn read_after(&self) -> i64 {
+        self.in_flight
+            .as_ref()
+            .and_then(Mark::last)
+            .unwrap_or(0)
+            .max(self.through)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_none()
     }
 
     /// Waits for the mark in flight, if any, and counts what it marked.
@@ -375,21 +422,26 @@ impl Marker {
         let Some(task) = self.task.take() else {
             return;
         };
-        let marked = std::mem::take(&mut self.in_flight);
+        let Some(marked) = self.in_flight.take() else {
+            return;
+        };
         match task.await {
             Ok((conn, Ok(()))) => {
                 self.conn = Some(conn);
                 state
                     .published
-                    .fetch_add(marked.len() as u64, Ordering::SeqCst);
+                    .fetch_add(marked.published(), Ordering::SeqCst);
+                if let Mark::Through { seq, .. } = marked {
+                    self.through = self.through.max(seq);
+                }
                 if let Some(last) = marked.last() {
-                    pruner.published_up_to(*last);
+                    pruner.published_up_to(last);
                 }
             }
             Ok((_, Err(error))) => {
-                // The rows stay pending: they are published again (JetStream keeps
+                // The events stay pending: they are published again (JetStream keeps
                 // one copy) and marked then.
-                tracing::warn!(%error, rows = marked.len(), "relay could not mark published events; they will be sent again");
+                tracing::warn!(%error, events = marked.published(), "relay could not mark published events; they will be sent again");
             }
             Err(error) => {
                 tracing::warn!(%error, "relay's marking task failed; the events will be sent again");
@@ -397,15 +449,15 @@ impl Marker {
         }
     }
 
-    /// Starts marking `published` (after the mark in flight, if any, has ended).
+    /// Starts writing `mark` (after the mark in flight, if any, has ended).
     async fn start(
         &mut self,
-        published: Vec<i64>,
+        mark: Mark,
         state: &RelayState,
         pruner: &mut Pruner,
     ) -> Result<(), sqlx::Error> {
         self.settle(state, pruner).await;
-        if published.is_empty() {
+        if mark.last().is_none() {
             return Ok(());
         }
         if self.conn.is_none() {
@@ -414,17 +466,45 @@ impl Marker {
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };
-        let sql = if self.retention_zero {
-            "DELETE FROM edupulse.outbox WHERE seq = ANY($1)"
-        } else {
-            "UPDATE edupulse.outbox
-             SET status = 'published', published_at = now(), attempts = attempts + 1
-             WHERE seq = ANY($1)"
+        let retention_zero = self.retention_zero;
+        let from = self.through;
+        let statement = match &mark {
+            Mark::Through { seq, .. } => {
+                if retention_zero {
+                    // Everything after the last mark is published (or dead, and kept).
+                    sqlx::query(
+                        "WITH gone AS (
+                            DELETE FROM edupulse.outbox
+                            WHERE seq > $2 AND seq <= $1 AND status <> 'dead')
+                         UPDATE edupulse.relay_progress
+                         SET published_through = greatest(published_through, $1),
+                             updated_at = now()",
+                    )
+                    .bind(*seq)
+                    .bind(from)
+                } else {
+                    sqlx::query(
+                        "UPDATE edupulse.relay_progress
+                         SET published_through = greatest(published_through, $1),
+                             updated_at = now()",
+                    )
+                    .bind(*seq)
+                }
+            }
+            Mark::Rows(rows) => {
+                let sql = if retention_zero {
+                    "DELETE FROM edupulse.outbox WHERE seq = ANY($1)"
+                } else {
+                    "UPDATE edupulse.outbox
+                     SET status = 'published', published_at = now()
+                     WHERE seq = ANY($1)"
+                };
+                sqlx::query(sql).bind(rows.clone())
+            }
         };
-        let seqs = published.clone();
-        self.in_flight = published;
+        self.in_flight = Some(mark);
         self.task = Some(tokio::spawn(async move {
-            let done = sqlx::query(sql).bind(&seqs).execute(&mut conn).await;
+            let done = statement.execute(&mut conn).await;
             (conn, done.map(|_| ()))
         }));
         Ok(())
@@ -459,17 +539,26 @@ async fn lead_with(
     let mut tail_failures: i32 = 0;
     // The next batch, read while the last one was being published.
     let mut prefetched: Option<Vec<OutboxRow>> = None;
+    // Whether the relay has stopped waiting for a transaction (`order_wait_limit`)
+    // that may still commit events below what it has read since. While it has, events
+    // are marked one by one (Mark::Rows) and the mark (`published_through`) stays:
+    // moving it past such events would count them as published.
+    let mut held = false;
     loop {
         if *stop.borrow() {
             return Ok(Led::Stopped);
         }
+        // The transactions given up on have ended: read once more from the mark, which
+        // finds what they committed below the events read since.
+        let reread = held && given_up.is_empty();
+        if reread {
+            prefetched = None;
+            marker.settle(state, pruner).await;
+        }
         let mut batch = match prefetched.take() {
             Some(batch) => batch,
             None => {
-                // Past the rows being marked: every pending row of the batch they came
-                // from that is not among them comes after them (a failure stops the
-                // marking).
-                let after = marker.in_flight().last().copied().unwrap_or(0);
+                let after = marker.read_after();
                 let fetched = fetch_batch(conn, inner, stop, &mut given_up, marker.pid, after);
                 let Some(batch) = fetched.await? else {
                     return Ok(Led::Stopped);
@@ -477,8 +566,13 @@ async fn lead_with(
                 batch
             }
         };
+        if !given_up.is_empty() {
+            held = true;
+        } else if reread {
+            held = false;
+        }
         if batch.is_empty() {
-            if !marker.in_flight().is_empty() {
+            if !marker.is_idle() {
                 // Nothing new: let the mark in flight finish, then look again.
                 marker.settle(state, pruner).await;
                 continue;
@@ -493,9 +587,10 @@ async fn lead_with(
                 if wait_for_writers(conn, inner, stop, &mut given_up, marker.pid).await? {
                     return Ok(Led::Stopped);
                 }
+                held |= !given_up.is_empty();
                 continue;
             }
-            pruner.maybe_prune(conn, settings).await?;
+            pruner.maybe_prune(conn, settings, marker.through).await?;
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(settings.poll_interval) => {}
@@ -568,11 +663,12 @@ async fn lead_with(
             None => (publishing.await, None),
         };
         let whole = outcome.iter().all(Result::is_ok);
+        held |= !given_up.is_empty();
         state.batches.fetch_add(1, Ordering::SeqCst);
         if state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Led::Crashed);
         }
-        let marked = mark(conn, inner, &batch, outcome, marker, pruner, state)
+        let marked = mark(conn, inner, &batch, outcome, held, marker, pruner, state)
             .instrument(span)
             .await?;
         match next.transpose()? {
@@ -603,7 +699,7 @@ async fn lead_with(
                 return Ok(Led::Stopped);
             }
         }
-        pruner.maybe_prune(conn, settings).await?;
+        pruner.maybe_prune(conn, settings, marker.through).await?;
     }
 }
 
@@ -946,12 +1042,16 @@ struct Marked {
     retry_in: Option<Duration>,
 }
 
-/// Marks what JetStream acknowledged, in order, up to the first transient failure.
+/// Marks what JetStream acknowledged, in order, up to the first transient failure:
+/// dead events first, then the published ones, by moving the mark past them all or,
+/// while `held`, one by one.
+#[allow(clippy::too_many_arguments)]
 async fn mark(
     conn: &mut PgConnection,
     inner: &Inner,
     batch: &[OutboxRow],
     outcome: Vec<Result<(), Failure>>,
+    held: bool,
     marker: &mut Marker,
     pruner: &mut Pruner,
     state: &RelayState,
@@ -961,6 +1061,8 @@ async fn mark(
     let mut dead = Vec::new();
     let mut retry = None;
     let mut out_of_chain = None;
+    // The last event of the done part of the batch: published or dead.
+    let mut done_through = None;
     for (row, result) in batch.iter().zip(outcome) {
         match result {
             Ok(()) => published.push(row.seq),
@@ -974,9 +1076,11 @@ async fn mark(
                 break;
             }
         }
+        done_through = Some(row.seq);
     }
     let published_count = published.len() as u64;
-    marker.start(published, state, pruner).await?;
+    // Dead before the mark passes them: an event at or below the mark that is not
+    // dead counts as published.
     for (row, why) in &dead {
         tracing::error!(
             id = %row.id, event = %row.name, seq = row.seq, error = %why,
@@ -992,6 +1096,15 @@ async fn mark(
         .execute(&mut *conn)
         .await?;
     }
+    let done = match done_through {
+        Some(_) if held => Mark::Rows(published),
+        Some(seq) => Mark::Through {
+            seq,
+            published: published_count,
+        },
+        None => Mark::Rows(Vec::new()),
+    };
+    marker.start(done, state, pruner).await?;
     let mut retry_in = None;
     if let Some((row, why)) = retry {
         let delay = backoff(
@@ -1050,7 +1163,12 @@ struct Pruner {
     retention: Duration,
     /// (when marked, highest seq marked then).
     marks: VecDeque<(Instant, i64)>,
+    /// Rows up to here may be old enough: those marked one by one are checked by their
+    /// `published_at`.
     prunable_up_to: i64,
+    /// The highest mark old enough: pending rows up to it (and up to the relay's
+    /// `published_through`) were published longer than the retention ago.
+    aged_through: i64,
     last_run: Instant,
 }
 
@@ -1060,10 +1178,12 @@ impl Pruner {
             retention,
             marks: VecDeque::new(),
             prunable_up_to: 0,
+            aged_through: 0,
             last_run: Instant::now(),
         };
         if !retention.is_zero() {
-            // Rows a previous leader published: their age is checked row by row.
+            // What a previous leader published: rows marked one by one are checked by
+            // their own time; the mark counts from when it last moved.
             let newest: Option<i64> = sqlx::query_scalar(
                 "SELECT seq FROM edupulse.outbox WHERE status = 'published'
                  ORDER BY seq DESC LIMIT 1",
@@ -1073,6 +1193,16 @@ impl Pruner {
             if let Some(seq) = newest {
                 pruner.prunable_up_to = seq;
             }
+            let (through, age): (i64, f64) = sqlx::query_as(
+                "SELECT published_through,
+                        greatest(0, extract(epoch FROM now() - updated_at))::float8
+                 FROM edupulse.relay_progress",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let age = Duration::try_from_secs_f64(age).unwrap_or(Duration::ZERO);
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            pruner.marks.push_back((at, through));
         }
         Ok(pruner)
     }
@@ -1081,10 +1211,12 @@ impl Pruner {
         self.marks.push_back((Instant::now(), seq));
     }
 
+    /// `through` is the relay's `published_through`.
     async fn maybe_prune(
         &mut self,
         conn: &mut PgConnection,
         settings: &crate::config::RelaySettings,
+        through: i64,
     ) -> Result<(), sqlx::Error> {
         if self.retention.is_zero() || self.last_run.elapsed() < settings.prune_interval {
             return Ok(());
@@ -1095,6 +1227,7 @@ impl Pruner {
                 break;
             }
             self.prunable_up_to = self.prunable_up_to.max(seq);
+            self.aged_through = self.aged_through.max(seq);
             self.marks.pop_front();
         }
         if self.prunable_up_to == 0 {
@@ -1105,13 +1238,16 @@ impl Pruner {
             let deleted = sqlx::query(
                 "DELETE FROM edupulse.outbox WHERE seq IN (
                     SELECT seq FROM edupulse.outbox
-                    WHERE seq <= $1 AND status = 'published'
-                      AND published_at < now() - $2 * interval '1 microsecond'
+                    WHERE seq <= $1
+                      AND ((status = 'pending' AND seq <= $4)
+                           OR (status = 'published'
+                               AND published_at < now() - $2 * interval '1 microsecond'))
                     ORDER BY seq LIMIT $3)",
             )
             .bind(self.prunable_up_to)
             .bind(i64::try_from(self.retention.as_micros()).unwrap_or(i64::MAX))
             .bind(i64::from(settings.prune_batch))
+            .bind(self.aged_through.min(through))
             .execute(&mut *conn)
             .await?
             .rows_affected();

@@ -375,10 +375,13 @@ pub async fn join_writers(writers: Vec<tokio::task::JoinHandle<WriterStats>>) ->
 /// # Panics
 /// If Postgres fails (tests only).
 pub async fn pending(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'")
-        .fetch_one(pool)
-        .await
-        .expect("count pending events")
+    sqlx::query_scalar(
+        "SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'
+         AND seq > (SELECT published_through FROM edupulse.relay_progress)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count pending events")
 }
 
 /// How many messages the stream holds.
@@ -433,7 +436,8 @@ pub async fn settle(
     loop {
         let row: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
             "SELECT
-                (SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'),
+                (SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'
+                 AND seq > (SELECT published_through FROM edupulse.relay_progress)),
                 (SELECT count(*) FROM fault_business b WHERE NOT EXISTS (
                     SELECT 1 FROM fault_effects e
                     WHERE e.writer = b.writer AND e.counter = b.counter))",
@@ -482,15 +486,18 @@ pub async fn try_stream_len(js: &jetstream::Context, stream: &str) -> Option<u64
 }
 
 /// Outbox rows that needed more than one publish attempt (a failure or an ack timeout
-/// before the success): the trace that a fault hit publishing.
+/// before the success; `attempts` counts the failed ones): the trace that a fault hit
+/// publishing.
 ///
 /// # Panics
 /// If Postgres fails (tests only).
 pub async fn retried(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM edupulse.outbox WHERE attempts > 1")
-        .fetch_one(pool)
-        .await
-        .expect("count retried events")
+    sqlx::query_scalar(
+        "SELECT count(*) FROM edupulse.outbox WHERE attempts > 0 AND status <> 'dead'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count retried events")
 }
 
 /// The backend pid and application name holding the relay's leader lock in this

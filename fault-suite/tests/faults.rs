@@ -1010,7 +1010,8 @@ async fn s7_pool_exhausted_by_business_transactions() {
         // How long the oldest committed event has waited to be published.
         let lag: Option<f64> = sqlx::query_scalar(
             "SELECT extract(epoch FROM clock_timestamp() - min(occurred_at))::float8
-             FROM edupulse.outbox WHERE status = 'pending'",
+             FROM edupulse.outbox
+             WHERE status = 'pending' AND seq > (SELECT published_through FROM edupulse.relay_progress)",
         )
         .fetch_one(&check_pool)
         .await
@@ -1080,13 +1081,16 @@ const READ_BATCH: &str = "EXPLAIN (ANALYZE, FORMAT JSON)
            correlation_id, causation_id, traceparent, occurred_at, attempts, next_attempt_at
     FROM edupulse.outbox
     WHERE status = 'pending' AND seq <= 9223372036854775807
+      AND seq > (SELECT published_through FROM edupulse.relay_progress)
     ORDER BY seq LIMIT 500";
 
 /// The pruner's scan for rows to delete (the subquery of its `DELETE`).
 const PRUNE_SCAN: &str = "EXPLAIN (ANALYZE, FORMAT JSON)
     SELECT seq FROM edupulse.outbox
-    WHERE seq <= 9223372036854775807 AND status = 'published'
-      AND published_at < now() - interval '500 milliseconds'
+    WHERE seq <= 9223372036854775807
+      AND ((status = 'pending'
+            AND seq <= (SELECT published_through FROM edupulse.relay_progress))
+           OR (status = 'published' AND published_at < now() - interval '500 milliseconds'))
     ORDER BY seq LIMIT 2000";
 
 fn max_of(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {

@@ -2,8 +2,8 @@
 //! format, rollbacks, bad input, dead events, status and pruning.
 
 use edupulse_events::{
-    Config, ConfigError, ConnectErrorKind, DomainEvent, EmitErrorKind, EventService, Outgoing,
-    RelaySettings, Requeue,
+    Config, ConfigError, ConnectErrorKind, DomainEvent, EmitErrorKind, EventService, EventState,
+    Outgoing, RelaySettings, Requeue,
 };
 use edupulse_events_tests::{header, wait_for, TestEnv};
 use serde::{Deserialize, Serialize};
@@ -99,16 +99,12 @@ async fn an_emitted_event_is_published_with_cloudevents_headers() {
     assert_eq!(body.student_id, student);
     assert_eq!(body.quiz_id, "q42");
 
-    // The row is marked published.
-    wait_for(WAIT, "the row to be marked published", || async {
-        let status: String = sqlx::query_scalar("SELECT status FROM edupulse.outbox WHERE id = $1")
-            .bind(id)
-            .fetch_one(service.pool())
-            .await
-            .unwrap();
-        status == "published"
+    // The event is marked published.
+    wait_for(WAIT, "the event to be marked published", || async {
+        service.event_state(id).await.unwrap() == Some(EventState::Published)
     })
     .await;
+    assert_eq!(service.outbox_status().await.unwrap().pending, 0);
     relay.shutdown().await.expect("clean shutdown");
 }
 
@@ -485,7 +481,8 @@ async fn migrating_is_idempotent_concurrent_and_apart_from_the_apps_migrations()
             "edupulse._migrations",
             "edupulse.dead_letters",
             "edupulse.inbox",
-            "edupulse.outbox"
+            "edupulse.outbox",
+            "edupulse.relay_progress"
         ]
     );
 }

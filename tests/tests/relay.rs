@@ -2,7 +2,7 @@
 //! ack and mark, several relays at once, a killed leader connection and a killed
 //! LISTEN connection.
 
-use edupulse_events::{DomainEvent, EventService, RelaySettings};
+use edupulse_events::{DomainEvent, EventService, EventState, RelaySettings};
 use edupulse_events_tests::{wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -440,5 +440,111 @@ async fn large_events_make_smaller_batches() {
     assert_eq!(relay.batches(), expected, "batches for bodies of {sizes:?}");
     assert!(expected >= 7);
     assert_stream_is(&env, &js, &ids).await;
+    relay.shutdown().await.unwrap();
+}
+
+async fn published_through(service: &EventService) -> i64 {
+    sqlx::query_scalar("SELECT published_through FROM edupulse.relay_progress")
+        .fetch_one(service.pool())
+        .await
+        .unwrap()
+}
+
+/// Events whose status was written one by one (not left to the mark).
+async fn marked_one_by_one(service: &EventService) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM edupulse.outbox WHERE status = 'published'")
+        .fetch_one(service.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_published_batch_moves_the_mark_instead_of_marking_each_event() {
+    let env = TestEnv::new().await;
+    let service = env
+        .service_with(env.config().relay(TestEnv::fast_relay()))
+        .await;
+    let js = env.jetstream().await;
+    let relay = service.start_relay();
+    let ids = service
+        .emit_all((0..100).map(|counter| quiz(0, counter)))
+        .await
+        .unwrap();
+    wait_for(WAIT, "the relay to publish and mark 100 events", || async {
+        relay.published() == 100
+    })
+    .await;
+    assert_stream_is(&env, &js, &ids).await;
+    assert_eq!(pending(&service).await, 0);
+    let newest: i64 = sqlx::query_scalar("SELECT max(seq) FROM edupulse.outbox")
+        .fetch_one(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(published_through(&service).await, newest);
+    assert_eq!(marked_one_by_one(&service).await, 0, "no row was rewritten");
+    for id in &ids {
+        assert_eq!(
+            service.event_state(*id).await.unwrap(),
+            Some(EventState::Published)
+        );
+    }
+    assert_eq!(service.event_state(Uuid::now_v7()).await.unwrap(), None);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn past_order_wait_limit_the_mark_waits_for_the_held_transaction() {
+    let env = TestEnv::new().await;
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            order_wait_limit: Duration::from_millis(300),
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    let js = env.jetstream().await;
+    let relay = service.start_relay();
+    // An open transaction holds the first event.
+    let mut open = service.pool().begin().await.unwrap();
+    let held = service.emit_in(&mut open, quiz(0, 0)).await.unwrap();
+    let held_seq: i64 = sqlx::query_scalar("SELECT seq FROM edupulse.outbox WHERE id = $1")
+        .bind(held)
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    let later = service
+        .emit_all((1..=20).map(|counter| quiz(1, counter)))
+        .await
+        .unwrap();
+    // Past the limit the later events go ahead, each marked by its status: moving the
+    // mark past the held event would count it as published.
+    wait_for(
+        WAIT,
+        "the later events to be published and marked",
+        || async { relay.published() == 20 },
+    )
+    .await;
+    assert_stream_is(&env, &js, &later).await;
+    assert_eq!(marked_one_by_one(&service).await, 20);
+    assert!(published_through(&service).await < held_seq);
+    // The held event follows once its transaction commits; it is not lost.
+    open.commit().await.unwrap();
+    wait_for(WAIT, "the held event to be published", || async {
+        service.event_state(held).await.unwrap() == Some(EventState::Published)
+    })
+    .await;
+    assert_eq!(env.stream_ids(&js).await.last(), Some(&held));
+    // With nothing held any more, the next batch moves the mark past everything.
+    let last = service.emit(quiz(2, 0)).await.unwrap();
+    wait_for(WAIT, "the mark to pass the newest event", || async {
+        service.event_state(last).await.unwrap() == Some(EventState::Published)
+    })
+    .await;
+    let newest: i64 = sqlx::query_scalar("SELECT max(seq) FROM edupulse.outbox")
+        .fetch_one(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(published_through(&service).await, newest);
+    assert_eq!(marked_one_by_one(&service).await, 21);
+    assert_eq!(pending(&service).await, 0);
     relay.shutdown().await.unwrap();
 }
