@@ -41,6 +41,9 @@ pub struct Scale {
     pub batches: usize,
     /// Events drained by the relay.
     pub relay_events: usize,
+    /// Rounds of (drain, raw pipelined publish) with the default settings, interleaved;
+    /// the medians are reported.
+    pub relay_rounds: usize,
     /// Events published one ack at a time.
     pub sequential_publishes: usize,
     /// Seconds of the steady end-to-end run.
@@ -59,6 +62,7 @@ impl Scale {
             emits: 4_000,
             batches: 40,
             relay_events: 50_000,
+            relay_rounds: 3,
             sequential_publishes: 5_000,
             e2e_seconds: 10,
             step_seconds: 4,
@@ -72,6 +76,7 @@ impl Scale {
             emits: 1_000,
             batches: 10,
             relay_events: 10_000,
+            relay_rounds: 1,
             sequential_publishes: 1_000,
             e2e_seconds: 3,
             step_seconds: 2,

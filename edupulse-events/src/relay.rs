@@ -807,8 +807,11 @@ async fn wait_for_writers(
         return Ok(false);
     }
     let deadline = Instant::now() + settings.order_wait_limit;
-    // Most writers end within a millisecond or two: look often at first.
-    let mut pause = Duration::from_micros(200);
+    // Most writers end within a millisecond: look again at once a few times (a look is
+    // one round trip, a fraction of a millisecond; tokio's timer cannot sleep less than
+    // a millisecond), then sleep 1 ms, doubling up to 5 ms.
+    let mut quick_looks = 4;
+    let mut pause = Duration::from_millis(1);
     loop {
         let still: i64 = sqlx::query_scalar(STILL_HOLDING)
             .bind(&waiting)
@@ -825,6 +828,13 @@ async fn wait_for_writers(
             );
             given_up.extend(waiting.drain(..));
             return Ok(false);
+        }
+        if quick_looks > 0 {
+            quick_looks -= 1;
+            if *stop.borrow() {
+                return Ok(true);
+            }
+            continue;
         }
         if sleep_or_stop(stop, pause).await {
             return Ok(true);
