@@ -56,15 +56,31 @@ async fn open_session(
     Ok(conn)
 }
 
-const HOLDERS: &str = "\
-SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
-FROM pg_locks
-WHERE locktype = 'relation'
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND relation = 'edupulse.outbox'::regclass
-  AND mode = 'RowExclusiveLock'
-  AND pid IS DISTINCT FROM pg_backend_pid()
-  AND pid IS DISTINCT FROM $1";
+/// The transactions writing the outbox now (but this session and the marker's, `$1`).
+macro_rules! holders {
+    () => {
+        "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
+         FROM pg_locks
+         WHERE locktype = 'relation'
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND relation = 'edupulse.outbox'::regclass
+           AND mode = 'RowExclusiveLock'
+           AND pid IS DISTINCT FROM pg_backend_pid()
+           AND pid IS DISTINCT FROM $1"
+    };
+}
+
+const HOLDERS: &str = holders!();
+
+/// The fence and the writers at that moment, in one round trip. The order matters: a
+/// writer takes its lock before it draws a sequence number, so every writer holding a
+/// number up to the fence is among the holders only if they are read after the fence.
+/// The subquery refers to the fence's row, so Postgres runs it after reading it.
+const FENCE_AND_HOLDERS: &str = concat!(
+    "SELECT s.last_value, (",
+    holders!(),
+    " AND s.last_value IS NOT NULL) FROM edupulse.outbox_seq_seq AS s"
+);
 
 const STILL_HOLDING: &str = "\
 SELECT count(*)
@@ -584,7 +600,11 @@ async fn lead_with(
                 // fence is read after they have drawn their sequence numbers).
                 set_idle(conn, true).await?;
                 idle = true;
-                if wait_for_writers(conn, inner, stop, &mut given_up, marker.pid).await? {
+                let holders = sqlx::query_scalar(HOLDERS)
+                    .bind(marker.pid)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if wait_for_writers(conn, inner, stop, &mut given_up, holders).await? {
                     return Ok(Led::Stopped);
                 }
                 held |= !given_up.is_empty();
@@ -784,20 +804,16 @@ impl OutboxRow {
     }
 }
 
-/// Waits until every transaction writing the outbox now has ended (or has held its
-/// events longer than `order_wait_limit`); true if told to stop meanwhile.
+/// Waits until every transaction among `holders` (read just now) has ended, or has
+/// held its events longer than `order_wait_limit`; true if told to stop meanwhile.
 async fn wait_for_writers(
     conn: &mut PgConnection,
     inner: &Inner,
     stop: &mut watch::Receiver<bool>,
     given_up: &mut HashSet<String>,
-    skip_pid: i32,
+    holders: Vec<String>,
 ) -> Result<bool, sqlx::Error> {
     let settings = &inner.config.relay;
-    let holders: Vec<String> = sqlx::query_scalar(HOLDERS)
-        .bind(skip_pid)
-        .fetch_one(&mut *conn)
-        .await?;
     given_up.retain(|vxid| holders.contains(vxid));
     let mut waiting: Vec<String> = holders
         .into_iter()
@@ -855,10 +871,11 @@ async fn fetch_batch(
     after: i64,
 ) -> Result<Option<Vec<OutboxRow>>, sqlx::Error> {
     let settings = &inner.config.relay;
-    let fence: i64 = sqlx::query_scalar("SELECT last_value FROM edupulse.outbox_seq_seq")
+    let (fence, holders): (i64, Vec<String>) = sqlx::query_as(FENCE_AND_HOLDERS)
+        .bind(marker_pid)
         .fetch_one(&mut *conn)
         .await?;
-    if wait_for_writers(conn, inner, stop, given_up, marker_pid).await? {
+    if wait_for_writers(conn, inner, stop, given_up, holders).await? {
         return Ok(None);
     }
     let rows = sqlx::query(READ_BATCH)
