@@ -251,8 +251,7 @@ INSERT INTO edupulse.outbox
 SELECT id, $9, $10, subject, p, $11, correlation_id, causation_id, traceparent, occurred_at
 FROM input
 WHERE (SELECT n FROM too_large) = 0
-ORDER BY ord
-RETURNING seq"
+ORDER BY ord"
         )
     };
 }
@@ -260,6 +259,32 @@ RETURNING seq"
 const INSERT_MANY: &str = insert_many!("");
 const INSERT_MANY_NOTIFY: &str =
     insert_many!(", (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_idle WHERE last_value = 1) AS notified");
+
+/// The batch insert when no event needs Postgres' size check (the usual case): one
+/// pass over the input, nothing materialised; `$notify` is a condition run once.
+macro_rules! insert_many_unchecked {
+    ($notify:literal) => {
+        concat!(
+            "INSERT INTO edupulse.outbox
+    (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
+SELECT u.id, $8, $9, u.subject, CAST(u.payload AS jsonb), $10, u.correlation_id,
+       u.causation_id, u.traceparent, u.occurred_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+            $7::timestamptz[])
+     WITH ORDINALITY AS u(id, subject, payload, correlation_id, causation_id, traceparent,
+                          occurred_at, ord)",
+            $notify,
+            "
+ORDER BY u.ord"
+        )
+    };
+}
+
+const INSERT_MANY_UNCHECKED: &str = insert_many_unchecked!("");
+const INSERT_MANY_UNCHECKED_NOTIFY: &str = insert_many_unchecked!(
+    "
+WHERE (SELECT count(pg_notify('edupulse_outbox', '')) FROM edupulse.relay_idle WHERE last_value = 1) >= 0"
+);
 
 const NOTIFY: &str = "SELECT pg_notify('edupulse_outbox', '')";
 
@@ -436,12 +461,15 @@ impl EventService {
         conn: &mut PgConnection,
         chunk: &[Prepared],
     ) -> Result<Vec<Uuid>, EmitError> {
-        let sql = if self.inner.config.notify {
-            INSERT_MANY_NOTIFY
-        } else {
-            INSERT_MANY
+        let notify = self.inner.config.notify;
+        let checked = chunk.iter().any(|p| p.check_limit.is_some());
+        let sql = match (checked, notify) {
+            (true, true) => INSERT_MANY_NOTIFY,
+            (true, false) => INSERT_MANY,
+            (false, true) => INSERT_MANY_UNCHECKED_NOTIFY,
+            (false, false) => INSERT_MANY_UNCHECKED,
         };
-        let inserted = sqlx::query(sql)
+        let query = sqlx::query(sql)
             .bind(chunk.iter().map(|p| p.id).collect::<Vec<_>>())
             .bind(chunk.iter().map(|p| p.subject.as_str()).collect::<Vec<_>>())
             .bind(chunk.iter().map(|p| p.payload.as_str()).collect::<Vec<_>>())
@@ -453,14 +481,20 @@ impl EventService {
                     .map(|p| p.traceparent.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|p| p.check_limit).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|p| p.occurred_at).collect::<Vec<_>>());
+        let query = if checked {
+            query.bind(chunk.iter().map(|p| p.check_limit).collect::<Vec<_>>())
+        } else {
+            query
+        };
+        let inserted = query
             .bind(E::NAME)
             .bind(version_i32::<E>())
             .bind(&self.inner.config.source)
-            .fetch_all(&mut *conn)
-            .await?;
-        if inserted.len() != chunk.len() {
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if usize::try_from(inserted).ok() != Some(chunk.len()) {
             // Only the size check can drop rows; the statement then writes none.
             let chunk: Vec<&Prepared> = chunk.iter().collect();
             return Err(self.too_large::<E>(conn, &chunk).await);

@@ -363,14 +363,20 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
             .unwrap()
     };
     let mut ids = Vec::new();
-    for counter in 0..5 {
+    for counter in 0..6 {
         // Between bursts the relay says it is idle, so the next commit notifies.
         wait_for(WAIT, "the relay to say it is idle", || async {
             relay.is_leader() && idle().await
         })
         .await;
         let started = tokio::time::Instant::now();
-        ids.push(service.emit(quiz(6, counter)).await.unwrap());
+        if counter % 2 == 0 {
+            ids.push(service.emit(quiz(6, counter)).await.unwrap());
+        } else {
+            // A batch notifies too.
+            let batch = [quiz(6, counter), quiz(7, counter)];
+            ids.extend(service.emit_all(batch).await.unwrap());
+        }
         wait_for(WAIT, "the event", || async { pending(&service).await == 0 }).await;
         assert!(
             started.elapsed() < Duration::from_secs(10),
