@@ -808,17 +808,44 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
 }
 
 /// Latencies of one steady run, sorted, and the rate achieved.
+/// With a probe (a NATS client and the service's subject prefix), also the time from
+/// commit until each message was on NATS, seen by a plain subscriber: the relay's share
+/// of the latency.
 async fn steady_run(
     service: &EventService,
     group: &str,
     rate: u64,
     seconds: u64,
-) -> Result<(Vec<Duration>, f64), Error> {
+    probe: Option<(async_nats::Client, String)>,
+) -> Result<(Vec<Duration>, f64, Vec<Duration>), Error> {
     let total = rate * seconds;
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total as usize]));
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
     let handled = Arc::new(AtomicU64::new(0));
     let base = Uuid::now_v7().as_u128() as u64 & 0xffff_ffff;
+    let on_wire: Arc<Mutex<Vec<Option<Instant>>>> =
+        Arc::new(Mutex::new(vec![None; total as usize]));
+    let _probe = match probe {
+        Some((client, prefix)) => {
+            let mut subscriber = client.subscribe(format!("{prefix}.>")).await?;
+            let on_wire = on_wire.clone();
+            Some(AbortOnDrop(tokio::spawn(async move {
+                while let Some(message) = subscriber.next().await {
+                    let now = Instant::now();
+                    if let Ok(e) = serde_json::from_slice::<QuizSubmitted>(&message.payload) {
+                        let index = e.seq.wrapping_sub(base) as usize;
+                        if let Some(slot) =
+                            on_wire.lock().ok().as_mut().and_then(|w| w.get_mut(index))
+                        {
+                            *slot = Some(now);
+                        }
+                    }
+                }
+                Ok::<(), Error>(())
+            })))
+        }
+        None => None,
+    };
     let (s2, l2, h2) = (sent.clone(), latencies.clone(), handled.clone());
     let consumer = bounded(
         "e2e",
@@ -915,7 +942,16 @@ async fn steady_run(
     let skip = (rate as usize).min(l.len() / 4);
     l.drain(..skip);
     l.sort();
-    Ok((l, achieved))
+    let sent = sent.lock().map_err(|_| "poisoned")?;
+    let on_wire = on_wire.lock().map_err(|_| "poisoned")?;
+    let mut wire: Vec<Duration> = sent
+        .iter()
+        .zip(on_wire.iter())
+        .skip(skip)
+        .filter_map(|(at, seen)| Some(seen.as_ref()?.saturating_duration_since(*at.as_ref()?)))
+        .collect();
+    wire.sort();
+    Ok((l, achieved, wire))
 }
 
 async fn raw_pipeline_run(
@@ -1166,13 +1202,15 @@ async fn end_to_end(
     scale: Scale,
 ) -> Result<Vec<Figure>, Error> {
     let (service, relay) = relayed_service(&env.fresh_stream("e2e")).await?;
-    let ours = steady_run(&service, "e2e", 1000, scale.e2e_seconds).await;
+    let client = async_nats::connect(nats_url()).await?;
+    let probe = Some((client, env.prefix.clone()));
+    let ours = steady_run(&service, "e2e", 1000, scale.e2e_seconds, probe).await;
     let join = match &ours {
         Ok(_) => Some(join_delay(&service).await),
         Err(_) => None,
     };
     stop_relayed(service, relay).await?;
-    let (ours, _) = ours?;
+    let (ours, _, wire) = ours?;
     let join = join.ok_or("stage e2e: no join figure")??;
     eprintln!("  [e2e] a group joining a non-empty stream got its first event after {join:.1} ms");
     let raw = raw_pipeline_run(&env.fresh_stream("rawe2e"), js, 1000, scale.e2e_seconds).await?;
@@ -1190,6 +1228,17 @@ async fn end_to_end(
                 _ => "edupulse latency / raw LISTEN/NOTIFY pipeline latency",
             },
             ratio: Some(o / r),
+        });
+    }
+    for p in [50.0, 99.0] {
+        let (w, o) = (percentile_ms(&wire, p), percentile_ms(&ours, p));
+        figures.push(Figure {
+            name: format!("end to end at 1,000 events/s: p{p:.0} commit→on NATS (relay's part)"),
+            value: w,
+            unit: "ms",
+            baseline: Some(o),
+            ratio_meaning: "share of commit→handler at the same percentile",
+            ratio: Some(w / o),
         });
     }
     figures.push(Figure {
@@ -1215,13 +1264,13 @@ async fn end_to_end(
             let tag = format!("step{step}{attempt}");
             let outcome = async {
                 let (service, relay) = relayed_service(&env.fresh_stream(&tag)).await?;
-                let run = steady_run(&service, &group, rate, scale.step_seconds).await;
+                let run = steady_run(&service, &group, rate, scale.step_seconds, None).await;
                 stop_relayed(service, relay).await?;
                 run
             }
             .await;
             match outcome {
-                Ok((l, achieved)) => {
+                Ok((l, achieved, _)) => {
                     let (p50, p99) = (percentile_ms(&l, 50.0), percentile_ms(&l, 99.0));
                     eprintln!(
                         "  {rate} events/s offered, {achieved:.0} achieved, p50 {p50:.2} ms, p99 {p99:.2} ms"
