@@ -1201,9 +1201,10 @@ async fn end_to_end(
     js: &jetstream::Context,
     scale: Scale,
 ) -> Result<Vec<Figure>, Error> {
-    let (service, relay) = relayed_service(&env.fresh_stream("e2e")).await?;
+    let e2e = env.fresh_stream("e2e");
+    let (service, relay) = relayed_service(&e2e).await?;
     let client = async_nats::connect(nats_url()).await?;
-    let probe = Some((client, env.prefix.clone()));
+    let probe = Some((client, e2e.prefix.clone()));
     let ours = steady_run(&service, "e2e", 1000, scale.e2e_seconds, probe).await;
     let join = match &ours {
         Ok(_) => Some(join_delay(&service).await),

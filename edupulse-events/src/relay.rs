@@ -384,10 +384,14 @@ struct Marker {
     /// `edupulse.relay_progress.published_through` as this relay last wrote or read it:
     /// every pending event at or below it is published.
     through: i64,
-    /// The mark in flight, and the task writing it (it hands the connection back).
+    /// The mark in flight, and the task writing it (it hands the connection back), or
+    /// what the task returned once [`Marker::written`] saw it end.
     in_flight: Option<Mark>,
-    task: Option<JoinHandle<(PgConnection, Result<(), sqlx::Error>)>>,
+    task: Option<JoinHandle<MarkDone>>,
+    done: Option<Result<MarkDone, tokio::task::JoinError>>,
 }
+
+type MarkDone = (PgConnection, Result<(), sqlx::Error>);
 
 impl Marker {
     async fn open(inner: &Inner) -> Result<Marker, sqlx::Error> {
@@ -399,6 +403,7 @@ impl Marker {
             through: 0,
             in_flight: None,
             task: None,
+            done: None,
         };
         marker.connect().await?;
         Ok(marker)
@@ -433,15 +438,27 @@ impl Marker {
         self.in_flight.is_none()
     }
 
+    /// Waits until the mark in flight has been written; cancel-safe (it only waits, and
+    /// keeps what the task returned for [`Marker::settle`]).
+    async fn written(&mut self) {
+        if let Some(task) = self.task.as_mut() {
+            let done = task.await;
+            self.task = None;
+            self.done = Some(done);
+        }
+    }
+
     /// Waits for the mark in flight, if any, and counts what it marked.
     async fn settle(&mut self, state: &RelayState, pruner: &mut Pruner) {
-        let Some(task) = self.task.take() else {
-            return;
+        let done = match (self.done.take(), self.task.take()) {
+            (Some(done), _) => done,
+            (None, Some(task)) => task.await,
+            (None, None) => return,
         };
         let Some(marked) = self.in_flight.take() else {
             return;
         };
-        match task.await {
+        match done {
             Ok((conn, Ok(()))) => {
                 self.conn = Some(conn);
                 state
@@ -589,8 +606,13 @@ async fn lead_with(
         }
         if batch.is_empty() {
             if !marker.is_idle() {
-                // Nothing new: let the mark in flight finish, then look again.
-                marker.settle(state, pruner).await;
+                // Nothing new: look again once the mark in flight is written, or at once
+                // if a writer commits meanwhile (a commit waits for the WAL flush, which
+                // a new event should not wait for).
+                tokio::select! {
+                    _ = marker.written() => marker.settle(state, pruner).await,
+                    _ = wake.notified() => {}
+                }
                 continue;
             }
             if !idle {

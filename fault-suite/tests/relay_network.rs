@@ -175,8 +175,10 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
     }
     wait_for(
         Duration::from_secs(60),
-        "B to take the lead and publish everything",
-        || async { a.outbox_status().await.expect("status").pending == 0 },
+        "B to take the lead, publish everything and count it",
+        || async {
+            a.outbox_status().await.expect("status").pending == 0 && relay_b.published() >= 20
+        },
     )
     .await;
     assert!(

@@ -114,9 +114,12 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
     assert_eq!(pending(&service).await, 50);
 
     let next = service.start_relay();
-    wait_for(WAIT, "the next relay to republish and mark", || async {
-        pending(&service).await == 0
-    })
+    // Counted once the relay has seen its mark written, a moment after the database.
+    wait_for(
+        WAIT,
+        "the next relay to republish, mark and count",
+        || async { pending(&service).await == 0 && next.published() >= 50 },
+    )
     .await;
     assert_eq!(next.published(), 50);
     // Both relays sent every event: the stream's duplicate removal kept one copy.
@@ -161,14 +164,16 @@ async fn three_relays_and_eight_writers_publish_each_event_once_in_sequence_orde
     }
     let expected = ids_in_seq_order(&services[0]).await;
     assert_eq!(expected.len(), 8 * (1250 + 25 * 4));
-    wait_for(WAIT, "every event to be published", || async {
-        pending(&services[0]).await == 0
+    // The relays count a mark once they have seen it written, a moment after the
+    // database shows it.
+    let published = || relays.iter().map(|r| r.published()).sum::<u64>();
+    wait_for(WAIT, "every event to be published and counted", || async {
+        pending(&services[0]).await == 0 && published() >= expected.len() as u64
     })
     .await;
     let leaders = relays.iter().filter(|r| r.is_leader()).count();
     assert_eq!(leaders, 1, "exactly one relay leads");
-    let published: u64 = relays.iter().map(|r| r.published()).sum();
-    assert_eq!(published, expected.len() as u64);
+    assert_eq!(published(), expected.len() as u64);
     // Nothing was sent twice and left to JetStream's duplicate removal.
     let sent: u64 = relays.iter().map(|r| r.sent()).sum();
     assert_eq!(sent, expected.len() as u64, "messages sent to JetStream");
