@@ -742,6 +742,15 @@ impl ConsumerHandle {
     }
 }
 
+/// How long one pull request lasts. async-nats sends the next one when the last is
+/// half used, or, if the server never answers (it has lost the request; the client
+/// then reports missed heartbeats), this long plus 5 s after it: a longer expiry made
+/// a 35 s stall, seen about once in seven 50,000-message runs against nats-server
+/// 2.9.10 (BENCHMARKS.md).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a pull request (at most half of its expiry).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// How often an instance that catches up (see [`Gate`]) reads the group's ack floor.
 const CATCH_UP_POLL: Duration = Duration::from_millis(50);
 
@@ -974,8 +983,8 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
         let messages = consumer
             .stream()
             .max_messages_per_batch(ctx.settings.fetch_batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .heartbeat(PULL_HEARTBEAT)
+            .expires(PULL_EXPIRES)
             .messages()
             .await;
         let mut messages = match messages {
