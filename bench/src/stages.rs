@@ -191,12 +191,11 @@ async fn truncate(pool: &PgPool) -> Result<(), Error> {
 }
 
 async fn pending(pool: &PgPool) -> Result<i64, Error> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'
-             AND seq > (SELECT published_through FROM edupulse.relay_progress)",
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM edupulse.pending_events")
+            .fetch_one(pool)
+            .await?,
     )
-    .fetch_one(pool)
-    .await?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

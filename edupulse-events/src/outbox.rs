@@ -690,15 +690,13 @@ impl EventService {
     pub async fn outbox_status(&self) -> Result<OutboxStatus, sqlx::Error> {
         let row = sqlx::query(
             "SELECT
-                (SELECT count(*) FROM edupulse.outbox
-                 WHERE status = 'pending' AND seq > mark.through) AS pending,
+                (SELECT count(*) FROM edupulse.pending_events) AS pending,
                 (SELECT count(*) FROM edupulse.outbox WHERE status = 'dead') AS dead,
                 oldest.seq AS oldest_seq,
                 extract(epoch FROM (clock_timestamp() - oldest.occurred_at))::float8 AS age
-             FROM (SELECT published_through AS through FROM edupulse.relay_progress) AS mark
+             FROM (SELECT 1) AS one
              LEFT JOIN LATERAL (
-                SELECT seq, occurred_at FROM edupulse.outbox
-                WHERE status = 'pending' AND seq > mark.through ORDER BY seq LIMIT 1
+                SELECT seq, occurred_at FROM edupulse.pending_events ORDER BY seq LIMIT 1
              ) AS oldest ON true",
         )
         .fetch_one(&self.inner.pool)

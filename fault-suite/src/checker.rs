@@ -155,9 +155,8 @@ pub async fn observe(
         .await
         .expect("read the outbox");
     let (pending, dead_events): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'pending' AND seq > (SELECT published_through FROM edupulse.relay_progress)),
-                count(*) FILTER (WHERE status = 'dead')
-         FROM edupulse.outbox",
+        "SELECT (SELECT count(*) FROM edupulse.pending_events),
+                (SELECT count(*) FROM edupulse.outbox WHERE status = 'dead')",
     )
     .fetch_one(pool)
     .await

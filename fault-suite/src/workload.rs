@@ -375,13 +375,10 @@ pub async fn join_writers(writers: Vec<tokio::task::JoinHandle<WriterStats>>) ->
 /// # Panics
 /// If Postgres fails (tests only).
 pub async fn pending(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'
-         AND seq > (SELECT published_through FROM edupulse.relay_progress)",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("count pending events")
+    sqlx::query_scalar("SELECT count(*) FROM edupulse.pending_events")
+        .fetch_one(pool)
+        .await
+        .expect("count pending events")
 }
 
 /// How many messages the stream holds.
@@ -436,8 +433,7 @@ pub async fn settle(
     loop {
         let row: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
             "SELECT
-                (SELECT count(*) FROM edupulse.outbox WHERE status = 'pending'
-                 AND seq > (SELECT published_through FROM edupulse.relay_progress)),
+                (SELECT count(*) FROM edupulse.pending_events),
                 (SELECT count(*) FROM fault_business b WHERE NOT EXISTS (
                     SELECT 1 FROM fault_effects e
                     WHERE e.writer = b.writer AND e.counter = b.counter))",

@@ -1010,8 +1010,7 @@ async fn s7_pool_exhausted_by_business_transactions() {
         // How long the oldest committed event has waited to be published.
         let lag: Option<f64> = sqlx::query_scalar(
             "SELECT extract(epoch FROM clock_timestamp() - min(occurred_at))::float8
-             FROM edupulse.outbox
-             WHERE status = 'pending' AND seq > (SELECT published_through FROM edupulse.relay_progress)",
+             FROM edupulse.pending_events",
         )
         .fetch_one(&check_pool)
         .await

@@ -482,6 +482,7 @@ async fn migrating_is_idempotent_concurrent_and_apart_from_the_apps_migrations()
             "edupulse.dead_letters",
             "edupulse.inbox",
             "edupulse.outbox",
+            "edupulse.pending_events",
             "edupulse.relay_progress"
         ]
     );
