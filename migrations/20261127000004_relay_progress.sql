@@ -16,11 +16,3 @@ CREATE TABLE edupulse.relay_progress (
 );
 
 INSERT INTO edupulse.relay_progress DEFAULT VALUES;
-
--- The events still to publish, by the rule above: what `outbox_status()` counts, for
--- operators' own queries.
-CREATE VIEW edupulse.pending_events AS
-SELECT o.*
-FROM edupulse.outbox AS o
-WHERE o.status = 'pending'
-  AND o.seq > (SELECT published_through FROM edupulse.relay_progress);
