@@ -1139,33 +1139,41 @@ async fn stop_relayed(
     Ok(())
 }
 
+/// Starts a consumer group whose handler only counts its calls in `handled`.
+async fn counting_group(
+    service: &EventService,
+    group: &str,
+    settings: ConsumerSettings,
+    handled: Arc<AtomicU64>,
+) -> Result<edupulse_events::ConsumerHandle, Error> {
+    Ok(service
+        .consumer(group)
+        .settings(settings)
+        .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
+            let handled = handled.clone();
+            async move {
+                handled.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .start()
+        .await?)
+}
+
 /// Milliseconds from an `emit` until the handler of a group that has just joined a
 /// stream already holding messages (`StartFrom::New`) receives the event.
 async fn join_delay(service: &EventService) -> Result<f64, Error> {
     let handled = Arc::new(AtomicU64::new(0));
-    let counter = handled.clone();
+    let settings = ConsumerSettings {
+        start_from: edupulse_events::StartFrom::New,
+        ..ConsumerSettings::default()
+    };
     let consumer = bounded(
         "e2e",
         "starting the joining group",
         Duration::from_secs(30),
         None,
-        async {
-            Ok(service
-                .consumer("e2e-join")
-                .settings(ConsumerSettings {
-                    start_from: edupulse_events::StartFrom::New,
-                    ..ConsumerSettings::default()
-                })
-                .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
-                    let counter = counter.clone();
-                    async move {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                })
-                .start()
-                .await?)
-        },
+        counting_group(service, "e2e-join", settings, handled.clone()),
     )
     .await?;
     let started = Instant::now();
@@ -1368,26 +1376,18 @@ async fn consume(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec
     let raw_s = started.elapsed().as_secs_f64();
 
     let handled = Arc::new(AtomicU64::new(0));
-    let counter = handled.clone();
     let started = Instant::now();
     let consumer = bounded(
         "consume",
         "starting the consumer group",
         Duration::from_secs(30),
         None,
-        async {
-            Ok(service
-                .consumer("benchconsume")
-                .on::<QuizSubmitted, _, _>(move |_r: Received<QuizSubmitted>| {
-                    let counter = counter.clone();
-                    async move {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                })
-                .start()
-                .await?)
-        },
+        counting_group(
+            &service,
+            "benchconsume",
+            ConsumerSettings::default(),
+            handled.clone(),
+        ),
     )
     .await?;
     let waited = wait_for_count(
