@@ -166,6 +166,41 @@ mod tests {
         assert_eq!(check_name(&"a".repeat(MAX_NAME_LEN)), Ok(()));
     }
 
+    /// The derive's verdict on the shared table of names
+    /// (`testdata/event_names.tsv`), which the runtime's check of hand-written impls
+    /// reads too: the two rules cannot drift apart.
+    #[test]
+    fn names_follow_the_shared_table() {
+        let table = include_str!("../../testdata/event_names.tsv");
+        let mut seen = 0;
+        for line in table
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (name, verdict) = line.split_once('\t').unwrap_or((line, ""));
+            let name = match name.strip_prefix('<').and_then(|n| n.strip_suffix(" a>")) {
+                Some(count) => "a".repeat(count.parse().unwrap_or(0)),
+                None => name
+                    .replace("\\s", " ")
+                    .replace("\\t", "\t")
+                    .replace("\\u{7}", "\u{7}"),
+            };
+            let found = match check_name(&name) {
+                Ok(()) => "ok",
+                Err(e) if e.contains("is empty") => "empty",
+                Err(e) if e.contains("the limit is") => "too-long",
+                Err(e) if e.contains("empty token") => "empty-token",
+                Err(e) if e.contains("wildcard") => "wildcard",
+                Err(e) if e.contains("starts with `$`") => "reserved",
+                Err(e) if e.contains("tokens may use only") => "character",
+                Err(e) => panic!("{name:?}: unclassified error {e}"),
+            };
+            assert_eq!(found, verdict, "{name:?}");
+            seen += 1;
+        }
+        assert!(seen > 10);
+    }
+
     #[test]
     fn rejects_bad_names_with_the_reason() {
         let cases = [

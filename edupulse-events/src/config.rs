@@ -460,24 +460,11 @@ impl ConfigBuilder {
 }
 
 fn check_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.is_empty() {
-        return Err("it is empty".to_owned());
-    }
     if prefix.starts_with('$') {
         return Err("it starts with `$`, which NATS reserves".to_owned());
     }
-    for token in prefix.split('.') {
-        if token.is_empty() {
-            return Err("it has an empty token".to_owned());
-        }
-        if let Some(c) = token
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-        {
-            return Err(format!("it contains {c:?}"));
-        }
-    }
-    Ok(())
+    crate::subject::check_subject(prefix)
+        .map_err(|(token, problem)| format!("token {token:?}: {problem}"))
 }
 
 fn check_stream(stream: &str) -> Result<(), String> {

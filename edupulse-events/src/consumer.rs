@@ -31,10 +31,11 @@
 //! # Ok(()) }
 //! ```
 
-use crate::message::headers;
-use crate::outbox::is_undefined_table;
-use crate::relay::sleep_or_stop;
+use crate::causation::Cause;
 use crate::service::{EventService, Inner};
+use crate::support::pg::{is_unavailable, is_undefined_table};
+use crate::support::retry::{backoff, progress_period, sleep_or_stop};
+use crate::wire::headers;
 use crate::DomainEvent;
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Message};
@@ -966,7 +967,7 @@ async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, mut stop: watch::Receiver<bo
     };
 
     let mut gate = Gate::default();
-    let progress_period = (ctx.settings.ack_wait / 3).max(Duration::from_millis(100));
+    let progress_period = progress_period(ctx.settings.ack_wait);
     'fetch: loop {
         if *stop.borrow() || ctx.stats.crashed.load(Ordering::SeqCst) {
             break;
@@ -1222,22 +1223,6 @@ fn parse<'c>(ctx: &'c Ctx, message: &Message, delivered: u32, sequence: u64) -> 
     )
 }
 
-/// The event being handled, for the events a handler emits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Cause {
-    pub event_id: Uuid,
-    pub correlation_id: Uuid,
-}
-
-tokio::task_local! {
-    static CAUSE: Cause;
-}
-
-/// The event whose handler is running on this task, if any.
-pub(crate) fn current_cause() -> Option<Cause> {
-    CAUSE.try_with(|cause| *cause).ok()
-}
-
 enum Outcome {
     Handled,
     Duplicate,
@@ -1247,26 +1232,6 @@ enum Outcome {
     /// without counting toward `max_deliveries`.
     Unavailable(String),
     Crashed,
-}
-
-/// Whether a Postgres error means the database or the pool cannot be reached (rather
-/// than something the statement did): a lost or refused connection, a pool that timed
-/// out, a server shutting down or full.
-fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
-            // 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot
-            // connect now; 53300: too many connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-        }),
-        _ => false,
-    }
 }
 
 /// The outcome of a failed framework statement: [`Outcome::Unavailable`] if Postgres
@@ -1334,11 +1299,8 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
         };
         let mut this = envelope.clone();
         this.attempt = attempt;
-        let cause = Cause {
-            event_id: envelope.id,
-            correlation_id: envelope.correlation_id.unwrap_or(envelope.id),
-        };
-        let handling = CAUSE.scope(cause, handle(ctx, route, event, this));
+        let cause = Cause::of(envelope.id, envelope.correlation_id);
+        let handling = cause.scope(handle(ctx, route, event, this));
         let outcome = with_progress(message, ctx.settings.ack_wait, handling)
             .instrument(span.clone())
             .await;
@@ -1356,7 +1318,7 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
             Outcome::Crashed => return,
             Outcome::Unavailable(why) => {
                 outages = outages.saturating_add(1);
-                let delay = crate::relay::backoff(
+                let delay = backoff(
                     ctx.settings.retry_base,
                     ctx.settings.retry_max,
                     i32::try_from(outages).unwrap_or(i32::MAX),
@@ -1388,7 +1350,7 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                     .await;
                     return;
                 }
-                let delay = crate::relay::backoff(
+                let delay = backoff(
                     ctx.settings.retry_base,
                     ctx.settings.retry_max,
                     i32::try_from(attempt).unwrap_or(i32::MAX),
@@ -1433,7 +1395,7 @@ async fn with_progress<T>(
     work: impl Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let period = progress_period(ack_wait);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
@@ -1579,11 +1541,7 @@ async fn dead_letter(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let delay = crate::relay::backoff(
-                    ctx.settings.retry_base,
-                    ctx.settings.retry_max,
-                    failures,
-                );
+                let delay = backoff(ctx.settings.retry_base, ctx.settings.retry_max, failures);
                 tracing::error!(
                     %error, group = %ctx.group, retry_in = ?delay,
                     "cannot write the dead-letter record; trying again (later events of the \

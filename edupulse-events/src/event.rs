@@ -1,5 +1,6 @@
-//! The [`DomainEvent`] trait and the run-time check of subject tokens.
+//! The [`DomainEvent`] trait and what generated code calls to build a subject.
 
+use crate::subject::{check_token, TokenProblem};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::{self, Write as _};
@@ -70,56 +71,6 @@ impl SubjectError {
     pub const MAX_SHOWN: usize = 64;
 }
 
-/// Why a value is not a valid subject token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenProblem {
-    /// The value is empty.
-    #[error("it is empty")]
-    Empty,
-    /// The value contains `.`, which separates tokens.
-    #[error("it contains `.`, which separates subject tokens")]
-    Dot,
-    /// The value contains a wildcard, `*` or `>`.
-    #[error("it contains a wildcard (`*` or `>`)")]
-    Wildcard,
-    /// The value contains whitespace.
-    #[error("it contains whitespace")]
-    Whitespace,
-    /// The value contains a control character.
-    #[error("it contains a control character")]
-    Control,
-    /// The value is longer than [`MAX_TOKEN_LEN`].
-    #[error("it is longer than 256 bytes")]
-    TooLong,
-}
-
-/// The longest value a placeholder may take, in bytes.
-pub const MAX_TOKEN_LEN: usize = 256;
-
-/// Checks that `token` can stand as one subject token.
-///
-/// # Errors
-/// The first problem found.
-pub fn check_token(token: &str) -> Result<(), TokenProblem> {
-    if token.is_empty() {
-        return Err(TokenProblem::Empty);
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(TokenProblem::TooLong);
-    }
-    for c in token.chars() {
-        match c {
-            '.' => return Err(TokenProblem::Dot),
-            '*' | '>' => return Err(TokenProblem::Wildcard),
-            c if c.is_whitespace() => return Err(TokenProblem::Whitespace),
-            c if c.is_control() => return Err(TokenProblem::Control),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Appends a literal token (generated code only).
 pub fn push_literal(out: &mut String, token: &str) {
     if !out.is_empty() {
@@ -157,40 +108,6 @@ pub fn push_field<V: fmt::Display + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_accept_ordinary_values() {
-        for token in ["3f2c9a", "42", "Alice", "a-b_c", "ünïcode", "~!@#%^&()"] {
-            assert_eq!(check_token(token), Ok(()), "{token}");
-        }
-    }
-
-    #[test]
-    fn tokens_reject_hostile_values() {
-        let cases = [
-            ("", TokenProblem::Empty),
-            ("a.b", TokenProblem::Dot),
-            (".", TokenProblem::Dot),
-            ("*", TokenProblem::Wildcard),
-            ("a>", TokenProblem::Wildcard),
-            (">", TokenProblem::Wildcard),
-            ("a b", TokenProblem::Whitespace),
-            ("a\tb", TokenProblem::Whitespace),
-            ("a\r\nPUB x 1", TokenProblem::Whitespace),
-            ("a\u{0}", TokenProblem::Control),
-            ("a\u{7f}", TokenProblem::Control),
-            ("\u{2028}", TokenProblem::Whitespace),
-            ("\u{a0}", TokenProblem::Whitespace),
-        ];
-        for (token, expected) in cases {
-            assert_eq!(check_token(token), Err(expected), "{token:?}");
-        }
-        assert_eq!(check_token(&"x".repeat(MAX_TOKEN_LEN)), Ok(()));
-        assert_eq!(
-            check_token(&"x".repeat(MAX_TOKEN_LEN + 1)),
-            Err(TokenProblem::TooLong)
-        );
-    }
 
     #[test]
     fn push_field_reports_field_and_shortened_value() {

@@ -18,15 +18,18 @@
 //! ```
 #![warn(missing_docs)]
 
+mod causation;
 mod config;
 mod consumer;
 mod event;
-mod message;
 mod migrate;
 mod outbox;
 mod registry;
 mod relay;
 mod service;
+mod subject;
+mod support;
+mod wire;
 
 pub use config::{
     Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, RelaySettings, DEFAULT_NATS_URL,
@@ -37,9 +40,8 @@ pub use consumer::{
     HandlerError, Received, StartFrom,
 };
 pub use edupulse_events_derive::DomainEvent;
-pub use event::{check_token, DomainEvent, SubjectError, TokenProblem, MAX_TOKEN_LEN};
-pub use message::headers;
-pub use migrate::{migrator, MigrateError, SCHEMA};
+pub use event::{DomainEvent, SubjectError};
+pub use migrate::{migrator, MigrateError};
 pub use outbox::{
     DeadEvent, EmitError, EmitErrorKind, EventState, OutboxStatus, Outgoing, Requeue,
 };
@@ -48,7 +50,10 @@ pub use registry::{
 };
 pub use relay::{RelayError, RelayHandle};
 pub use service::{ConnectError, ConnectErrorKind, EventService};
+pub use subject::{check_token, TokenProblem, MAX_TOKEN_LEN};
+pub use support::sql::SCHEMA;
 pub use uuid::Uuid;
+pub use wire::headers;
 
 /// What generated code uses. Not public API: it may change in any release.
 #[doc(hidden)]

@@ -1,10 +1,8 @@
 //! The outbox's schema, embedded from `migrations/` and applied by
 //! [`EventService::migrate`](crate::EventService::migrate).
 
+use crate::support::sql::{MIGRATIONS, SCHEMA};
 use sqlx::migrate::Migrator;
-
-/// The schema that holds the outbox and the library's migrations table.
-pub const SCHEMA: &str = "edupulse";
 
 /// The library's migrations, tracked in `edupulse._migrations` so that they never mix
 /// with the application's own `_sqlx_migrations`. sqlx serializes concurrent runs with a
@@ -12,7 +10,7 @@ pub const SCHEMA: &str = "edupulse";
 pub fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("../migrations");
     migrator.create_schema(SCHEMA);
-    migrator.dangerous_set_table_name("edupulse._migrations");
+    migrator.dangerous_set_table_name(MIGRATIONS);
     migrator
 }
 

@@ -12,16 +12,17 @@
 //! locks in `pg_locks`). Every event up to the fence is then committed or gone, and the
 //! batch stops at the fence, so nothing is published ahead of an earlier event.
 
-use crate::message::Outbound;
-use crate::outbox::CHANNEL;
 use crate::service::{EventService, Inner};
+use crate::support::pg::{is_undefined_table, open_session};
+use crate::support::retry::{backoff, sleep_or_stop, AbortOnDrop};
+use crate::support::sql::CHANNEL;
+use crate::wire::Outbound;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,27 +35,6 @@ use uuid::Uuid;
 
 /// The advisory lock key the leader holds: "edupulse" in ASCII.
 const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
-
-/// The relay's own sessions: server-side keepalives and a user timeout.
-const SESSION_SETUP: &str = "\
-SET tcp_keepalives_idle = 10;
-SET tcp_keepalives_interval = 5;
-SET tcp_keepalives_count = 3;
-SET tcp_user_timeout = 25000;";
-
-/// Opens one of the relay's own connections (the leader's, the marker's). The leader's
-/// lock lives as long as its session. A relay whose host vanishes sends no FIN: the
-/// session setup lets the server notice within about 25 s (not the kernel's two hours)
-/// and free the lock for a standby. Ignored on a Unix socket.
-async fn open_session(
-    options: &sqlx::postgres::PgConnectOptions,
-) -> Result<PgConnection, sqlx::Error> {
-    let mut conn = PgConnection::connect_with(options).await?;
-    if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
-        tracing::warn!(%error, "relay could not set up its session");
-    }
-    Ok(conn)
-}
 
 /// The transactions writing the outbox now (but this session and the marker's, `$1`).
 macro_rules! holders {
@@ -201,17 +181,6 @@ impl EventService {
     }
 }
 
-/// Sleeps for `duration` unless told to stop first; returns whether to stop.
-pub(crate) async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, duration: Duration) -> bool {
-    if *stop.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(duration) => *stop.borrow(),
-        _ = stop.changed() => true,
-    }
-}
-
 async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<RelayState>) {
     let settings = inner.config.relay.clone();
     let mut standby: Option<PgConnection> = None;
@@ -273,7 +242,7 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, state: Arc<Rela
                         tracing::warn!("relay simulated a crash before marking");
                         break;
                     }
-                    Err(error) if crate::outbox::is_undefined_table(&error) => {
+                    Err(error) if is_undefined_table(&error) => {
                         tracing::error!(
                             %error,
                             "the outbox tables are missing: call EventService::migrate() \
@@ -317,15 +286,6 @@ enum Led {
     /// Gave up the lead after failing to publish for `yield_after`.
     Yielded,
     Crashed,
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 async fn lead(
@@ -1035,7 +995,7 @@ async fn publish(
         let mut headers = match row.envelope().header_map() {
             Ok(headers) => headers,
             Err(why) => {
-                sent.push(Err(Failure::Permanent(why)));
+                sent.push(Err(Failure::Permanent(why.to_string())));
                 continue;
             }
         };
@@ -1194,18 +1154,6 @@ async fn mark(
     })
 }
 
-/// The delay before attempt `attempt + 1`: doubling from `base`, at most `max`, with
-/// jitter (between half and all of it).
-pub(crate) fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
-    let exponent = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-    let full = base.saturating_mul(2u32.saturating_pow(exponent)).min(max);
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let fraction = 0.5 + (random % 1_000) as f64 / 2_000.0;
-    full.mul_f64(fraction)
-}
-
 /// Deletes published rows older than the retention, in bounded batches, walking the
 /// primary key from the oldest row up to the newest row known to be old enough.
 struct Pruner {
@@ -1306,23 +1254,5 @@ impl Pruner {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(5);
-        for attempt in 1..40 {
-            let delay = backoff(base, max, attempt);
-            let full = (base * 2u32.pow((attempt - 1).min(30) as u32)).min(max);
-            assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
-        }
-        assert!(backoff(base, max, 1) <= base);
-        assert!(backoff(base, max, 30) >= max / 2);
     }
 }
