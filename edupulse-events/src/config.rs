@@ -1,6 +1,7 @@
 //! Settings of an [`EventService`](crate::EventService): from the environment with
 //! [`Config::from_env`], or in code with [`Config::builder`].
 
+use crate::relay::RelaySettings;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,59 +59,6 @@ pub struct NatsTls {
     pub root_certificates: Option<PathBuf>,
     /// A client certificate and its key (PEM files), for mutual TLS.
     pub client_certificate: Option<(PathBuf, PathBuf)>,
-}
-
-/// How the relay works; every field has a default (see [`RelaySettings::default`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelaySettings {
-    /// Most events read and published per batch (1 to 4,000). Default 2,000.
-    pub batch_size: u32,
-    /// Most bytes of event bodies (as stored) read per batch, so that large events make
-    /// smaller batches; a batch holds at least one event. Default 8 MiB.
-    pub batch_bytes: u32,
-    /// How often an idle leader looks for events without a notification. Default 1 s.
-    pub poll_interval: Duration,
-    /// How often a standby tries to take the lead. Default 1 s.
-    pub standby_interval: Duration,
-    /// How long to wait for JetStream to acknowledge a publish. Default 5 s.
-    pub ack_timeout: Duration,
-    /// First retry delay after a failed publish; doubled each attempt, with jitter. Default 100 ms.
-    pub retry_base: Duration,
-    /// Longest retry delay. Default 5 s.
-    pub retry_max: Duration,
-    /// How long published rows are kept before pruning; zero deletes them on publish.
-    /// Default 1 hour.
-    pub retention: Duration,
-    /// Most rows deleted per pruning statement. Default 1,000.
-    pub prune_batch: u32,
-    /// How often published rows are pruned. Default 10 s.
-    pub prune_interval: Duration,
-    /// How long the relay waits for a transaction still writing earlier events before it
-    /// publishes later ones that have committed (which then go out of order). Default 30 s.
-    pub order_wait_limit: Duration,
-    /// How long a leader keeps failing to publish (every attempt refused or unanswered,
-    /// nothing published) before it lets go of the lead for a while, so that a replica
-    /// that can reach NATS takes over. Zero: never. Default 30 s.
-    pub yield_after: Duration,
-}
-
-impl Default for RelaySettings {
-    fn default() -> Self {
-        RelaySettings {
-            batch_size: 2_000,
-            batch_bytes: 8 * 1024 * 1024,
-            poll_interval: Duration::from_secs(1),
-            standby_interval: Duration::from_secs(1),
-            ack_timeout: Duration::from_secs(5),
-            retry_base: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
-            retention: Duration::from_secs(3600),
-            prune_batch: 1000,
-            prune_interval: Duration::from_secs(10),
-            order_wait_limit: Duration::from_secs(30),
-            yield_after: Duration::from_secs(30),
-        }
-    }
 }
 
 /// Everything an [`EventService`](crate::EventService) needs to run.
@@ -418,29 +366,7 @@ impl ConfigBuilder {
                     .to_owned(),
             ));
         }
-        let relay = &config.relay;
-        // async-nats allows 5,000 unacknowledged publishes per context; a batch must fit.
-        if relay.batch_bytes == 0 {
-            return Err(ConfigError::OutOfRange(
-                "relay batch_bytes is 0; use 1 or more (default 8 MiB)".to_owned(),
-            ));
-        }
-        if relay.batch_size == 0 || relay.batch_size > 4_000 {
-            return Err(ConfigError::OutOfRange(format!(
-                "relay batch_size {} is out of range; use 1 to 4000",
-                relay.batch_size
-            )));
-        }
-        if relay.prune_batch == 0 {
-            return Err(ConfigError::OutOfRange(
-                "relay prune_batch is 0; use 1 or more".to_owned(),
-            ));
-        }
-        if relay.ack_timeout.is_zero() || relay.poll_interval.is_zero() {
-            return Err(ConfigError::OutOfRange(
-                "relay ack_timeout and poll_interval must be more than zero".to_owned(),
-            ));
-        }
+        config.relay.check().map_err(ConfigError::OutOfRange)?;
         if config.duplicate_window.is_zero() {
             return Err(ConfigError::OutOfRange(
                 "duplicate_window is zero; JetStream's de-duplication is what publishes each \

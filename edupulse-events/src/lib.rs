@@ -32,8 +32,8 @@ mod support;
 mod wire;
 
 pub use config::{
-    Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, RelaySettings, DEFAULT_NATS_URL,
-    DEFAULT_SOURCE, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
+    Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, DEFAULT_NATS_URL, DEFAULT_SOURCE,
+    DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
 };
 pub use consumer::{
     ConsumerBuilder, ConsumerError, ConsumerHandle, ConsumerSettings, DeadLetter, Envelope,
@@ -48,7 +48,7 @@ pub use outbox::{
 pub use registry::{
     registry, DecodeError, DecodedEvent, DuplicateName, EventType, Registry, RegistryError,
 };
-pub use relay::{RelayError, RelayHandle};
+pub use relay::{RelayError, RelayHandle, RelaySettings};
 pub use service::{ConnectError, ConnectErrorKind, EventService};
 pub use subject::{check_token, TokenProblem, MAX_TOKEN_LEN};
 pub use support::sql::SCHEMA;

@@ -101,7 +101,7 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
     let js = env.jetstream().await;
 
     let doomed = service.start_relay();
-    doomed.__crash_before_mark();
+    doomed.crash_before_mark();
     let ids = service.emit_all((0..50).map(|c| quiz(1, c))).await.unwrap();
     wait_for(WAIT, "the doomed relay to publish and die", || async {
         doomed.is_finished()

@@ -1,0 +1,357 @@
+//! The leader's loop, as a struct whose methods are its steps: read a batch past the
+//! fence, publish it on the chain, mark what JetStream acknowledged, and wait when
+//! there is nothing to do.
+
+use super::fence::Fence;
+use super::mark::{self, Marker};
+use super::prune::Pruner;
+use super::publish::{publish, read_tail, Tail};
+use super::read::{self, OutboxRow};
+use super::wake::{Wake, BUSY_BATCH};
+use super::RelayState;
+use crate::relay::RelaySettings;
+use crate::service::Inner;
+use crate::support::retry::{backoff, sleep_or_stop};
+use sqlx::PgConnection;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// How leading ended.
+pub(super) enum Led {
+    /// Told to stop (a shutdown, or the handle was dropped).
+    Stopped,
+    /// Gave up the lead after failing to publish for `yield_after`.
+    Yielded,
+    /// A test asked it to die before marking a batch.
+    #[cfg(feature = "test-hooks")]
+    Crashed,
+}
+
+/// What one step of the loop decided.
+enum Step {
+    Next,
+    End(Led),
+}
+
+/// What marking one batch found.
+struct Marked {
+    published: u64,
+    /// When the first event that failed may be tried again.
+    retry_in: Option<Duration>,
+}
+
+/// Leads on `conn`, which holds the leader lock, until told to stop, until publishing
+/// has failed for `yield_after`, or until a Postgres error (the connection, and so the
+/// lock, may be gone). However it ends, the marks of what JetStream acknowledged are
+/// written.
+pub(super) async fn lead(
+    inner: &Inner,
+    conn: &mut PgConnection,
+    stop: &mut watch::Receiver<bool>,
+    state: &RelayState,
+) -> Result<Led, sqlx::Error> {
+    let settings = &inner.config.relay;
+    let pruner = Pruner::start(conn, settings.retention).await?;
+    let marker = Marker::open(&inner.pg_options, settings.retention).await?;
+    let mut leader = Leader {
+        inner,
+        settings,
+        conn,
+        stop,
+        state,
+        marker,
+        pruner,
+        fence: Fence::default(),
+        wake: Wake::listen(inner.pool.clone()),
+        tail: None,
+        tail_failures: 0,
+        prefetched: None,
+        failing_since: None,
+    };
+    let led = leader.run().await;
+    leader.marker.settle(state, &mut leader.pruner).await;
+    leader.marker.close().await;
+    led
+}
+
+/// The leader's state between steps.
+struct Leader<'a> {
+    inner: &'a Inner,
+    settings: &'a RelaySettings,
+    /// The leader's connection: it holds the lock, reads and waits at the fence.
+    conn: &'a mut PgConnection,
+    stop: &'a mut watch::Receiver<bool>,
+    state: &'a RelayState,
+    marker: Marker,
+    pruner: Pruner,
+    fence: Fence,
+    wake: Wake,
+    /// The stream's last message, when known (after a batch that went through whole).
+    tail: Option<Tail>,
+    tail_failures: i32,
+    /// The next batch, read while the last one was being published.
+    prefetched: Option<Vec<OutboxRow>>,
+    /// Since when every batch has failed with nothing published.
+    failing_since: Option<Instant>,
+}
+
+impl Leader<'_> {
+    async fn run(&mut self) -> Result<Led, sqlx::Error> {
+        // Writers notify only while the relay says it is idle.
+        self.wake.set_idle(self.conn, false).await?;
+        loop {
+            if *self.stop.borrow() {
+                return Ok(Led::Stopped);
+            }
+            if let Step::End(led) = self.step().await? {
+                return Ok(led);
+            }
+        }
+    }
+
+    /// One batch, or one wait.
+    async fn step(&mut self) -> Result<Step, sqlx::Error> {
+        let reread = self.fence.reread_due();
+        if reread {
+            self.prefetched = None;
+            self.marker.settle(self.state, &mut self.pruner).await;
+        }
+        let batch = match self.prefetched.take() {
+            Some(batch) => batch,
+            None => {
+                let after = self.marker.read_after();
+                let read = read::fetch(
+                    self.conn,
+                    &mut self.fence,
+                    self.settings,
+                    self.stop,
+                    self.marker.pid(),
+                    after,
+                );
+                match read.await? {
+                    Some(batch) => batch,
+                    None => return Ok(Step::End(Led::Stopped)),
+                }
+            }
+        };
+        if reread {
+            self.fence.reread_done();
+        }
+        if batch.is_empty() {
+            return self.nothing_new().await;
+        }
+        self.wake.busy_if_outpaced(self.conn, batch.len()).await?;
+        // Measured on the database's clock, which also set the retry time.
+        if let Some(wait) = batch[0].retry_wait(self.settings.retry_max) {
+            return Ok(self.pause(wait).await);
+        }
+        let span = tracing::debug_span!(
+            "edupulse.relay.batch",
+            size = batch.len(),
+            first_seq = batch[0].seq,
+            last_seq = batch[batch.len() - 1].seq
+        );
+        match self.known_tail().instrument(span.clone()).await {
+            Ok(tail) => self.publish_and_mark(batch, tail, span).await,
+            Err(step) => Ok(step),
+        }
+    }
+
+    /// Nothing to publish: wait for a mark in flight, for writers that did not notify,
+    /// or for a notification or the poll interval.
+    async fn nothing_new(&mut self) -> Result<Step, sqlx::Error> {
+        if !self.marker.is_idle() {
+            // Look again once the mark in flight is written, or at once if a writer
+            // commits meanwhile (a commit waits for the WAL flush, which a new event
+            // should not wait for).
+            tokio::select! {
+                _ = self.marker.written() => self.marker.settle(self.state, &mut self.pruner).await,
+                _ = self.wake.notified() => {}
+            }
+            return Ok(Step::Next);
+        }
+        if !self.wake.is_idle() {
+            // From now on writers notify. Writers that saw the relay busy did not: they
+            // hold the outbox's lock from before they looked until they end, so wait
+            // for every one writing now, then look once more (the next fence is read
+            // after they have drawn their sequence numbers).
+            self.wake.set_idle(self.conn, true).await?;
+            let pid = self.marker.pid();
+            if self
+                .fence
+                .wait_for_writers(self.conn, self.settings, self.stop, pid)
+                .await?
+            {
+                return Ok(Step::End(Led::Stopped));
+            }
+            return Ok(Step::Next);
+        }
+        self.pruner
+            .maybe_prune(self.conn, self.settings, self.marker.through())
+            .await?;
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(self.settings.poll_interval) => {}
+            changed = self.stop.changed() => {
+                // A dropped handle stops the relay, as a shutdown does.
+                if changed.is_err() {
+                    return Ok(Step::End(Led::Stopped));
+                }
+            }
+        }
+        Ok(Step::Next)
+    }
+
+    /// The stream's last message, read unless known; when NATS cannot be read, the
+    /// step to take instead (a wait, or yielding the lead).
+    async fn known_tail(&mut self) -> Result<Tail, Step> {
+        if let Some(known) = self.tail.take() {
+            return Ok(known);
+        }
+        match read_tail(self.inner).await {
+            Ok(read) => {
+                self.tail_failures = 0;
+                Ok(read)
+            }
+            Err(why) => {
+                // NATS is out of reach: publishing would fail too.
+                self.tail_failures = self.tail_failures.saturating_add(1);
+                let delay = backoff(
+                    self.settings.retry_base,
+                    self.settings.retry_max,
+                    self.tail_failures,
+                );
+                tracing::warn!(error = %why, retry_in = ?delay, "relay cannot read the stream; retrying");
+                if self.failing_too_long() {
+                    return Err(Step::End(Led::Yielded));
+                }
+                Err(self.pause(delay).await)
+            }
+        }
+    }
+
+    /// Publishes `batch` after `tail` and marks what went through. While a busy
+    /// relay's batch is published (NATS' work), the next is read (Postgres' work),
+    /// starting after this one; it is used only if this one goes through whole, and
+    /// otherwise read again.
+    async fn publish_and_mark(
+        &mut self,
+        mut batch: Vec<OutboxRow>,
+        tail: Tail,
+        span: tracing::Span,
+    ) -> Result<Step, sqlx::Error> {
+        let read_ahead = (batch.len() >= BUSY_BATCH).then(|| batch[batch.len() - 1].seq);
+        let publishing =
+            publish(self.inner, &mut batch, &tail, &self.state.sent).instrument(span.clone());
+        let (outcome, next) = match read_ahead {
+            Some(after) => {
+                let pid = self.marker.pid();
+                let reading = read::fetch(
+                    self.conn,
+                    &mut self.fence,
+                    self.settings,
+                    self.stop,
+                    pid,
+                    after,
+                );
+                let (outcome, next) = tokio::join!(publishing, reading);
+                (outcome, Some(next))
+            }
+            None => (publishing.await, None),
+        };
+        let whole = outcome.iter().all(Result::is_ok);
+        self.state.batches.fetch_add(1, Ordering::SeqCst);
+        #[cfg(feature = "test-hooks")]
+        if self.state.crash_before_mark.load(Ordering::SeqCst) {
+            return Ok(Step::End(Led::Crashed));
+        }
+        let marked = self.mark(&batch, outcome).instrument(span).await?;
+        match next.transpose()? {
+            Some(None) => return Ok(Step::End(Led::Stopped)),
+            Some(Some(next)) if whole => self.prefetched = Some(next),
+            _ => {}
+        }
+        if whole {
+            // Every event of the batch is in the stream, the last one last: JetStream
+            // stored each only right after its predecessor (or had it already, and then
+            // any later event it has is a later one of this same order).
+            self.tail = batch.last().map(|row| Tail::MsgId(row.id));
+        }
+        self.after_batch(marked).await
+    }
+
+    /// Marks what JetStream acknowledged, in order, up to the first event that must
+    /// wait: dead events first, then the published ones (past them all or, while the
+    /// fence is held, one by one); records the failure of the first that must wait.
+    async fn mark(
+        &mut self,
+        batch: &[OutboxRow],
+        outcome: Vec<Result<(), super::publish::Failure>>,
+    ) -> Result<Marked, sqlx::Error> {
+        let sorted = mark::sort(batch, outcome);
+        mark::record_dead(self.conn, &sorted.dead).await?;
+        let done = sorted.mark(self.fence.held());
+        self.marker
+            .start(done, self.state, &mut self.pruner)
+            .await?;
+        let mut retry_in = None;
+        if let Some((row, why)) = &sorted.retry {
+            retry_in = Some(mark::record_failure(self.conn, self.settings, row, why).await?);
+        }
+        if let Some((row, why)) = &sorted.out_of_chain {
+            // Its predecessor failed (and is dead, or was itself refused after a lost
+            // connection), or something else wrote to the stream in between. Sent first
+            // in the next batch, it needs no predecessor; nothing to count or wait for.
+            tracing::debug!(
+                id = %row.id, event = %row.name, seq = row.seq, error = %why,
+                "the event before this one did not reach the stream first; sending it again"
+            );
+        }
+        Ok(Marked {
+            published: sorted.published.len() as u64,
+            retry_in,
+        })
+    }
+
+    /// After a batch: yield the lead if nothing has gone through for too long, wait
+    /// before a retry, prune.
+    async fn after_batch(&mut self, marked: Marked) -> Result<Step, sqlx::Error> {
+        if marked.published > 0 || marked.retry_in.is_none() {
+            self.failing_since = None;
+        } else if self.failing_too_long() {
+            tracing::warn!(
+                failing_for = ?self.failing_since.map(|since| since.elapsed()),
+                "relay cannot publish to NATS; letting another replica lead for a while"
+            );
+            return Ok(Step::End(Led::Yielded));
+        }
+        if let Some(delay) = marked.retry_in {
+            if let Step::End(led) = self.pause(delay).await {
+                return Ok(Step::End(led));
+            }
+        }
+        self.pruner
+            .maybe_prune(self.conn, self.settings, self.marker.through())
+            .await?;
+        Ok(Step::Next)
+    }
+
+    /// Whether publishing has failed, with nothing published, for `yield_after`
+    /// (counting from now if it had not been failing).
+    fn failing_too_long(&mut self) -> bool {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        !self.settings.yield_after.is_zero() && since.elapsed() >= self.settings.yield_after
+    }
+
+    /// Waits `delay`, unless told to stop.
+    async fn pause(&mut self, delay: Duration) -> Step {
+        if sleep_or_stop(self.stop, delay).await {
+            Step::End(Led::Stopped)
+        } else {
+            Step::Next
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Pruning: deletes published rows older than the retention, in bounded batches,
+//! walking the primary key from the oldest row up to the newest row known to be old
+//! enough.
+
+use crate::relay::RelaySettings;
+use crate::support::sql::{OUTBOX, RELAY_PROGRESS};
+use const_format::formatcp;
+use sqlx::PgConnection;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const NEWEST_PUBLISHED_ROW: &str =
+    formatcp!("SELECT seq FROM {OUTBOX} WHERE status = 'published' ORDER BY seq DESC LIMIT 1");
+
+const MARK_AND_AGE: &str = formatcp!(
+    "SELECT published_through, greatest(0, extract(epoch FROM now() - updated_at))::float8
+     FROM {RELAY_PROGRESS}"
+);
+
+/// Up to `$3` rows at or below `$1`: pending ones at or below the aged mark `$4`, and
+/// those marked published one by one longer than the retention (`$2` µs) ago.
+const PRUNE: &str = formatcp!(
+    "DELETE FROM {OUTBOX} WHERE seq IN (
+        SELECT seq FROM {OUTBOX}
+        WHERE seq <= $1
+          AND ((status = 'pending' AND seq <= $4)
+               OR (status = 'published'
+                   AND published_at < now() - $2 * interval '1 microsecond'))
+        ORDER BY seq LIMIT $3)"
+);
+
+/// At most this many statements per pruning round, so publishing never waits long.
+const STATEMENTS_PER_ROUND: usize = 10;
+
+/// Deletes published rows older than the retention.
+pub(super) struct Pruner {
+    retention: Duration,
+    /// (when marked, highest seq marked then).
+    marks: VecDeque<(Instant, i64)>,
+    /// Rows up to here may be old enough: those marked one by one are checked by their
+    /// `published_at`.
+    prunable_up_to: i64,
+    /// The highest mark old enough: pending rows up to it (and up to the relay's
+    /// `published_through`) were published longer than the retention ago.
+    aged_through: i64,
+    last_run: Instant,
+}
+
+impl Pruner {
+    fn new(retention: Duration) -> Pruner {
+        Pruner {
+            retention,
+            marks: VecDeque::new(),
+            prunable_up_to: 0,
+            aged_through: 0,
+            last_run: Instant::now(),
+        }
+    }
+
+    /// Starts from what a previous leader published: rows marked one by one are
+    /// checked by their own time; the mark counts from when it last moved.
+    pub async fn start(
+        conn: &mut PgConnection,
+        retention: Duration,
+    ) -> Result<Pruner, sqlx::Error> {
+        let mut pruner = Pruner::new(retention);
+        if retention.is_zero() {
+            return Ok(pruner);
+        }
+        let newest: Option<i64> = sqlx::query_scalar(NEWEST_PUBLISHED_ROW)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(seq) = newest {
+            pruner.prunable_up_to = seq;
+        }
+        let (through, age): (i64, f64) = sqlx::query_as(MARK_AND_AGE).fetch_one(&mut *conn).await?;
+        let age = Duration::try_from_secs_f64(age).unwrap_or(Duration::ZERO);
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        pruner.marks.push_back((at, through));
+        Ok(pruner)
+    }
+
+    /// Everything up to `seq` was marked published just now.
+    pub fn published_up_to(&mut self, seq: i64) {
+        self.marks.push_back((Instant::now(), seq));
+    }
+
+    /// Takes in the marks that have aged past the retention.
+    fn age_marks(&mut self) {
+        while let Some((at, seq)) = self.marks.front().copied() {
+            if at.elapsed() < self.retention {
+                break;
+            }
+            self.prunable_up_to = self.prunable_up_to.max(seq);
+            self.aged_through = self.aged_through.max(seq);
+            self.marks.pop_front();
+        }
+    }
+
+    /// Prunes, if `prune_interval` has passed since the last round. `through` is the
+    /// relay's `published_through`.
+    pub async fn maybe_prune(
+        &mut self,
+        conn: &mut PgConnection,
+        settings: &RelaySettings,
+        through: i64,
+    ) -> Result<(), sqlx::Error> {
+        if self.retention.is_zero() || self.last_run.elapsed() < settings.prune_interval {
+            return Ok(());
+        }
+        self.last_run = Instant::now();
+        self.age_marks();
+        if self.prunable_up_to == 0 {
+            return Ok(());
+        }
+        for _ in 0..STATEMENTS_PER_ROUND {
+            let deleted = sqlx::query(PRUNE)
+                .bind(self.prunable_up_to)
+                .bind(i64::try_from(self.retention.as_micros()).unwrap_or(i64::MAX))
+                .bind(i64::from(settings.prune_batch))
+                .bind(self.aged_through.min(through))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            tracing::debug!(deleted, "relay pruned published events");
+            if deleted < u64::from(settings.prune_batch) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_marks_older_than_the_retention_make_rows_prunable() {
+        let retention = Duration::from_secs(60);
+        let mut pruner = Pruner::new(retention);
+        let now = Instant::now();
+        let Some(old) = now.checked_sub(Duration::from_secs(120)) else {
+            return; // A clock this close to its start cannot show an old mark.
+        };
+        pruner.marks.push_back((old, 10));
+        pruner.marks.push_back((old, 25));
+        pruner.marks.push_back((now, 40));
+        pruner.age_marks();
+        assert_eq!(pruner.prunable_up_to, 25);
+        assert_eq!(pruner.aged_through, 25);
+        assert_eq!(pruner.marks.len(), 1, "the young mark waits");
+    }
+}

@@ -1,0 +1,252 @@
+//! Publishing a batch to JetStream in order: the chain of expected predecessors that
+//! keeps order across a dying connection, and the classification of what fails.
+
+use super::read::OutboxRow;
+use crate::service::Inner;
+use async_nats::header::{HeaderName, NATS_EXPECTED_LAST_MESSAGE_ID, NATS_EXPECTED_LAST_SEQUENCE};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::HeaderValue;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use uuid::Uuid;
+
+/// Why a publish failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// Retrying cannot fix it: the event goes dead.
+    Permanent(String),
+    /// Retrying may: the event waits and is published again.
+    Transient(String),
+    /// JetStream refused the event because the event sent before it in the batch is not
+    /// the stream's last message (it was lost with a dying connection, or refused). The
+    /// event is sent again, at once, as the first of the next batch.
+    OutOfChain(String),
+}
+
+/// What a failed publish means for the event.
+pub(super) fn classify(error: &PublishError) -> Failure {
+    use std::error::Error as _;
+    let message = error.to_string();
+    match error.kind() {
+        // Only the relay's own chain sets these expectations.
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            Failure::OutOfChain(message)
+        }
+        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(message),
+        PublishErrorKind::Other => {
+            let api = error
+                .source()
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            match api {
+                // The server refused this message as a bad request (too large for the
+                // stream, say): sending it again gets the same answer.
+                Some(api) if api.code() == 400 => Failure::Permanent(message),
+                _ => Failure::Transient(message),
+            }
+        }
+        _ => Failure::Transient(message),
+    }
+}
+
+/// What the stream's last message is, as far as this relay knows: the predecessor the
+/// first message of the next batch names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Tail {
+    /// The event with this id (its `Nats-Msg-Id`).
+    MsgId(Uuid),
+    /// A message at this stream sequence without an event id, or since removed.
+    Sequence(u64),
+    /// The stream has never held a message.
+    Empty,
+}
+
+impl Tail {
+    /// The header that makes JetStream store a message only right after this one.
+    fn expectation(&self) -> Option<(HeaderName, HeaderValue)> {
+        match self {
+            Tail::MsgId(id) => Some((
+                NATS_EXPECTED_LAST_MESSAGE_ID,
+                HeaderValue::from(id.hyphenated().to_string()),
+            )),
+            Tail::Sequence(sequence) => {
+                Some((NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(*sequence)))
+            }
+            Tail::Empty => None,
+        }
+    }
+}
+
+/// The relay cannot read the stream's last message to chain its next batch to it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {what}: {source}")]
+pub(super) struct TailError {
+    what: &'static str,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl TailError {
+    fn new(what: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        TailError {
+            what,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Reads the stream's last message, to chain the next batch to it. A message whose
+/// `Nats-Msg-Id` is not an event id (another publisher's) is named by its sequence.
+pub(super) async fn read_tail(inner: &Inner) -> Result<Tail, TailError> {
+    let mut stream = inner
+        .jetstream
+        .get_stream(&inner.config.stream)
+        .await
+        .map_err(|e| TailError::new("the stream", e))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| TailError::new("the stream's state", e))?
+        .state
+        .last_sequence;
+    if last == 0 {
+        return Ok(Tail::Empty);
+    }
+    match stream.get_raw_message(last).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .and_then(|id| id.as_str().parse::<Uuid>().ok())
+            .map_or(Tail::Sequence(last), Tail::MsgId)),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+            Ok(Tail::Sequence(last))
+        }
+        Err(error) => Err(TailError::new("the stream's last message", error)),
+    }
+}
+
+/// Publishes a batch, many acks in flight; one result per row, in order, for the rows
+/// up to the first that could not even be sent.
+///
+/// Each message names its predecessor as the stream's expected last message: the
+/// previous event of the batch, and for the first, the stream's last message (`tail`).
+/// Pipelining alone cannot keep order when the connection dies in the middle of a
+/// batch: the messages already written to the dead socket are lost, while the client
+/// sends the ones it still had queued on the next connection. With the chain, JetStream
+/// refuses those (`OutOfChain`), and they follow the lost ones when they are retried.
+/// Chaining the first message too means a relay's stale queue (a relay cut off from
+/// NATS that has since yielded or lost the lead, whose client sends what it had queued
+/// when it reconnects, maybe past the duplicate window) cannot append old events
+/// behind newer ones. JetStream checks `Nats-Msg-Id` first, so an event that is already
+/// in the stream is acked as a duplicate whatever its predecessor.
+pub(super) async fn publish(
+    inner: &Inner,
+    batch: &mut [OutboxRow],
+    tail: &Tail,
+    sent_count: &AtomicU64,
+) -> Vec<Result<(), Failure>> {
+    let prefix = &inner.config.subject_prefix;
+    let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
+    let mut previous = tail.clone();
+    for row in batch.iter_mut() {
+        let mut headers = match row.envelope().header_map() {
+            Ok(headers) => headers,
+            Err(why) => {
+                sent.push(Err(Failure::Permanent(why.to_string())));
+                continue;
+            }
+        };
+        if let Some((name, value)) = std::mem::replace(&mut previous, Tail::Empty).expectation() {
+            headers.insert(name, value);
+        }
+        let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
+        subject.push_str(prefix);
+        subject.push('.');
+        subject.push_str(&row.subject);
+        // The body is not needed after this: a failed event is read again.
+        let payload = Bytes::from(std::mem::take(&mut row.payload).into_bytes());
+        match inner
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => {
+                sent_count.fetch_add(1, Ordering::Relaxed);
+                previous = Tail::MsgId(row.id);
+                sent.push(Ok(ack));
+            }
+            Err(error) => {
+                let failure = classify(&error);
+                let transient = matches!(failure, Failure::Transient(_));
+                sent.push(Err(failure));
+                if transient {
+                    // Sending later events now could put them ahead of this one.
+                    break;
+                }
+            }
+        }
+    }
+    futures::future::join_all(sent.into_iter().map(|sent| async move {
+        match sent {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(&e)),
+            Err(failure) => Err(failure),
+        }
+    }))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> async_nats::jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": code, "err_code": 10000, "description": "refused"
+        }))
+        .expect("a JetStream API error")
+    }
+
+    #[test]
+    fn chain_refusals_are_out_of_chain() {
+        for kind in [
+            PublishErrorKind::WrongLastMessageId,
+            PublishErrorKind::WrongLastSequence,
+        ] {
+            let failure = classify(&PublishError::new(kind));
+            assert!(matches!(failure, Failure::OutOfChain(_)), "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn what_cannot_succeed_is_permanent_and_the_rest_transient() {
+        let permanent = [
+            PublishError::new(PublishErrorKind::MaxPayloadExceeded),
+            PublishError::with_source(PublishErrorKind::Other, api_error(400)),
+        ];
+        for error in &permanent {
+            assert!(matches!(classify(error), Failure::Permanent(_)), "{error}");
+        }
+        let transient = [
+            PublishError::new(PublishErrorKind::TimedOut),
+            PublishError::new(PublishErrorKind::BrokenPipe),
+            PublishError::new(PublishErrorKind::StreamNotFound),
+            PublishError::new(PublishErrorKind::MaxAckPending),
+            PublishError::new(PublishErrorKind::Other),
+            PublishError::with_source(PublishErrorKind::Other, api_error(503)),
+        ];
+        for error in &transient {
+            assert!(matches!(classify(error), Failure::Transient(_)), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_tail_names_the_predecessor_by_id_or_sequence() {
+        let id = Uuid::now_v7();
+        let (name, value) = Tail::MsgId(id).expectation().expect("a header");
+        assert_eq!(name.to_string(), "Nats-Expected-Last-Msg-Id");
+        assert_eq!(value.as_str(), id.to_string());
+        let (name, value) = Tail::Sequence(42).expectation().expect("a header");
+        assert_eq!(name.to_string(), "Nats-Expected-Last-Sequence");
+        assert_eq!(value.as_str(), "42");
+        assert!(Tail::Empty.expectation().is_none());
+    }
+}
