@@ -9,7 +9,6 @@
 //! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
-mod profile;
 mod raw;
 mod stages;
 

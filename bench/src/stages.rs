@@ -365,7 +365,6 @@ fn stage_budget(stage: &str) -> Duration {
         "e2e" => 300,
         "consume" => 300,
         "memory" => 900,
-        "profile" => 600,
         _ => 300,
     })
 }
@@ -377,22 +376,14 @@ async fn run_stages(
     only: Option<String>,
 ) -> Result<Vec<Figure>, Error> {
     if let Some(o) = only.as_deref() {
-        if ![
-            "emit", "batch", "relay", "e2e", "consume", "memory", "profile",
-        ]
-        .contains(&o)
-        {
-            return Err(format!(
-                "unknown stage {o:?}; use emit, batch, relay, e2e, consume, memory or profile"
-            )
-            .into());
+        if !["emit", "batch", "relay", "e2e", "consume", "memory"].contains(&o) {
+            return Err(
+                format!("unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory")
+                    .into(),
+            );
         }
     }
-    // The profile explains figures; it runs only when asked for.
-    let wants = |stage: &str| match only.as_deref() {
-        None => stage != "profile",
-        Some(o) => o == stage,
-    };
+    let wants = |stage: &str| only.as_deref().is_none_or(|o| o == stage);
     let (env, js) = (&env, &js);
     let mut figures = Vec::new();
     let run_started = Instant::now();
@@ -420,7 +411,6 @@ async fn run_stages(
     stage!("e2e", end_to_end(env, js, scale));
     stage!("consume", consume(env, js, scale));
     stage!("memory", memory(env, scale));
-    stage!("profile", profile(env, js, scale));
     eprintln!("all stages done in {:.1?}", run_started.elapsed());
     Ok(figures)
 }
@@ -1544,110 +1534,4 @@ pub fn relay_child(limit_secs: Option<&str>) -> std::process::ExitCode {
         .unwrap_or_default();
     println!("peak_rss_kb={peak}");
     std::process::ExitCode::SUCCESS
-}
-
-/// `--only profile`: the relay's loop step by step, and the fence waits under load.
-async fn profile(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
-    let env = &env.fresh_stream("profile");
-    let service = env.service(false, RelaySettings::default()).await?;
-    let n = scale.relay_events;
-    let messages = raw_messages(&env.prefix, "rawpipe", n)?;
-    let acked = AtomicU64::new(0);
-    let started = Instant::now();
-    bounded(
-        "profile",
-        "raw pipelined publishing",
-        Duration::from_secs(120),
-        None,
-        async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
-    )
-    .await?;
-    let pipelined_rate = n as f64 / started.elapsed().as_secs_f64();
-    let mut figures = Vec::new();
-    for batch in [500i64, 4_000] {
-        truncate(service.pool()).await?;
-        prefill("profile", &service, n).await?;
-        let (seq_secs, phases) = bounded(
-            "profile",
-            "relay loop, library order",
-            Duration::from_secs(300),
-            None,
-            crate::profile::sequential(&env.url, js, &env.prefix, QuizSubmitted::NAME, n, batch),
-        )
-        .await?;
-        truncate(service.pool()).await?;
-        prefill("profile", &service, n).await?;
-        let over_secs = bounded(
-            "profile",
-            "relay loop, overlapped",
-            Duration::from_secs(300),
-            None,
-            crate::profile::overlapped(&env.url, js, &env.prefix, QuizSubmitted::NAME, n, batch),
-        )
-        .await?;
-        eprintln!("  [profile] batch {batch}: {phases:?}");
-        figures.extend(crate::profile::figures(
-            n,
-            batch,
-            seq_secs,
-            &phases,
-            over_secs,
-            pipelined_rate,
-        ));
-    }
-    truncate(service.pool()).await?;
-
-    // The relay's fence wait while writers emit at 1,000 events/s.
-    let rate = 1_000u64;
-    let total = rate * scale.e2e_seconds;
-    let writers = {
-        let service = service.clone();
-        async move {
-            let period = Duration::from_secs_f64(1.0 / rate as f64);
-            let mut ticker = tokio::time::interval(period);
-            let mut tasks = Vec::with_capacity(total as usize);
-            for i in 0..total {
-                ticker.tick().await;
-                let service = service.clone();
-                tasks.push(AbortOnDrop(tokio::spawn(async move {
-                    let mut tx = service.pool().begin().await?;
-                    service.emit_in(&mut tx, event(i)).await?;
-                    tx.commit().await?;
-                    Ok::<(), Error>(())
-                })));
-            }
-            for t in &mut tasks {
-                (&mut t.0).await??;
-            }
-            Ok(())
-        }
-    };
-    let (waits, busy) = bounded(
-        "profile",
-        "fence waits under 1,000 events/s",
-        Duration::from_secs(60 + scale.e2e_seconds),
-        None,
-        crate::profile::fence_waits(&env.url, writers),
-    )
-    .await?;
-    truncate(service.pool()).await?;
-    for p in [50.0, 90.0, 99.0] {
-        figures.push(Figure {
-            name: format!("profile: relay fence wait at 1,000 events/s, p{p:.0}"),
-            value: percentile_ms(&waits, p),
-            unit: "ms",
-            baseline: None,
-            ratio_meaning: "-",
-            ratio: None,
-        });
-    }
-    figures.push(Figure {
-        name: "profile: fences that found a writer in flight".into(),
-        value: busy as f64 * 100.0 / waits.len().max(1) as f64,
-        unit: "%",
-        baseline: None,
-        ratio_meaning: "-",
-        ratio: None,
-    });
-    Ok(figures)
 }

@@ -2,13 +2,14 @@
 //!
 //! Do not depend on this crate directly: use `edupulse_events::DomainEvent`, which
 //! re-exports the derive beside the trait it implements.
-//!
-//! The derive is a pipeline, in the style of thiserror's: [`ast`] reads the item into
-//! typed input that keeps the original syntax for spans, [`attr`] reads the
-//! `#[event(...)]` attributes, [`valid`] checks the name and subject rules, [`expand`]
-//! writes the impl and the registration, and [`fallback`] writes a stub impl beside the
-//! errors when anything is wrong, so the user sees the real mistakes and no cascade.
-//! Every error of one item is collected in a [`ctxt::Ctxt`] and reported in one build.
+
+// How it works (for maintainers): the derive is a pipeline, in the style of
+// thiserror's. `ast` reads the item into typed input that keeps the original syntax
+// for spans, `attr` reads the `#[event(...)]` attributes, `valid` checks the name and
+// subject rules, `expand` writes the impl and the registration, and `fallback` writes
+// a stub impl beside the errors when anything is wrong, so the user sees the real
+// mistakes and no cascade. Every error of one item is collected in a `ctxt::Ctxt` and
+// reported in one build.
 
 mod ast;
 mod attr;
