@@ -377,10 +377,10 @@ async fn run_stages(
 ) -> Result<Vec<Figure>, Error> {
     if let Some(o) = only.as_deref() {
         if !["emit", "batch", "relay", "e2e", "consume", "memory"].contains(&o) {
-            return Err(
-                format!("unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory")
-                    .into(),
-            );
+            return Err(format!(
+                "unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory"
+            )
+            .into());
         }
     }
     let wants = |stage: &str| only.as_deref().is_none_or(|o| o == stage);

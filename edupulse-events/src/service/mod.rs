@@ -1,10 +1,13 @@
 //! [`EventService`]: the connection to Postgres and NATS that emits events and runs the
 //! relay.
 
-use crate::config::{redact_text, Config, NatsAuth};
+mod nats;
+mod stream;
+
+use crate::config::{redact_text, Config};
 use crate::migrate::{migrator, MigrateError};
 use crate::registry::{registry, RegistryError};
-use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream, ErrorCode};
+use async_nats::jetstream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::fmt;
@@ -153,11 +156,11 @@ impl EventService {
             .await
             .map_err(|e| pg_error(&e))?;
 
-        let nats = connect_nats(&config).await?;
+        let nats = nats::connect(&config).await?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.relay.ack_timeout)
             .build(nats.clone());
-        let stream_limit = ensure_stream(&config, &jetstream).await?;
+        let stream_limit = stream::ensure(&config, &jetstream).await?;
         let mut max_message = nats.max_payload();
         if let Some(limit) = stream_limit {
             max_message = max_message.min(limit);
@@ -220,146 +223,4 @@ impl EventService {
     pub fn max_message_size(&self) -> usize {
         self.inner.max_message
     }
-}
-
-async fn connect_nats(config: &Config) -> Result<async_nats::Client, ConnectError> {
-    let nats_error = |reason: String| ConnectError::Nats {
-        target: config.nats_url_redacted(),
-        reason: redact_text(&reason, &config.nats_url),
-    };
-    let mut options = match &config.nats_auth {
-        NatsAuth::None => async_nats::ConnectOptions::new(),
-        NatsAuth::UserPassword { user, password } => {
-            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-        }
-        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
-        NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| {
-                nats_error(format!(
-                    "cannot read credentials file {}: {e}",
-                    path.display()
-                ))
-            })?,
-    };
-    let tls = &config.nats_tls;
-    if tls.required {
-        options = options.require_tls(true);
-    }
-    if let Some(roots) = &tls.root_certificates {
-        options = options.add_root_certificates(roots.clone());
-    }
-    if let Some((cert, key)) = &tls.client_certificate {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    let target = config.nats_url_redacted();
-    options
-        .connection_timeout(config.connect_timeout)
-        .name(&config.source)
-        .event_callback(move |event| {
-            let target = target.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!(nats = %target, "NATS connected")
-                    }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!(nats = %target, "NATS disconnected; reconnecting")
-                    }
-                    other => tracing::debug!(nats = %target, event = %other, "NATS event"),
-                }
-            }
-        })
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| nats_error(e.to_string()))
-}
-
-/// Makes sure the stream exists and captures `{prefix}.>`; returns its message size
-/// limit, if it has one.
-async fn ensure_stream(
-    config: &Config,
-    js: &jetstream::Context,
-) -> Result<Option<usize>, ConnectError> {
-    let subject = format!("{}.>", config.subject_prefix);
-    let js_error = |reason: String| ConnectError::JetStream {
-        target: config.nats_url_redacted(),
-        reason,
-    };
-    let wanted = stream::Config {
-        name: config.stream.clone(),
-        subjects: vec![subject.clone()],
-        storage: stream::StorageType::File,
-        duplicate_window: config.duplicate_window,
-        ..Default::default()
-    };
-    let existing = match js.get_stream(&config.stream).await {
-        Ok(mut existing) => Some(
-            existing
-                .info()
-                .await
-                .map_err(|e| js_error(e.to_string()))?
-                .config
-                .clone(),
-        ),
-        Err(error) => match error.kind() {
-            jetstream::context::GetStreamErrorKind::JetStream(api)
-                if api.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-            {
-                None
-            }
-            _ => return Err(js_error(error.to_string())),
-        },
-    };
-    let found = match existing {
-        Some(found) => found,
-        None => match js.create_stream(&wanted).await {
-            Ok(mut created) => created
-                .info()
-                .await
-                .map_err(|e| js_error(e.to_string()))?
-                .config
-                .clone(),
-            Err(error) => {
-                return Err(match error.kind() {
-                    CreateStreamErrorKind::JetStream(api)
-                        if api.error_code() == ErrorCode::STREAM_SUBJECT_OVERLAP =>
-                    {
-                        ConnectError::StreamConflict {
-                            stream: config.stream.clone(),
-                            differences: format!(
-                                "another stream already captures subjects overlapping `{subject}`"
-                            ),
-                        }
-                    }
-                    _ => js_error(error.to_string()),
-                })
-            }
-        },
-    };
-    let mut differences = Vec::new();
-    if !found.subjects.contains(&subject) {
-        differences.push(format!("it captures {:?}, not `{subject}`", found.subjects));
-    }
-    if found.duplicate_window != config.duplicate_window {
-        differences.push(format!(
-            "its duplicate window is {:?}, not {:?}",
-            found.duplicate_window, config.duplicate_window
-        ));
-    }
-    if found.retention != stream::RetentionPolicy::Limits {
-        differences.push(format!(
-            "its retention is {:?}; consumers need Limits",
-            found.retention
-        ));
-    }
-    if !differences.is_empty() {
-        return Err(ConnectError::StreamConflict {
-            stream: config.stream.clone(),
-            differences: differences.join("; "),
-        });
-    }
-    Ok(usize::try_from(found.max_message_size)
-        .ok()
-        .filter(|limit| *limit > 0))
 }

@@ -1,0 +1,58 @@
+//! Connecting to NATS with the configured credentials and TLS, logging connection
+//! events without credentials.
+
+use super::ConnectError;
+use crate::config::{redact_text, Config, NatsAuth};
+
+pub(super) async fn connect(config: &Config) -> Result<async_nats::Client, ConnectError> {
+    let nats_error = |reason: String| ConnectError::Nats {
+        target: config.nats_url_redacted(),
+        reason: redact_text(&reason, &config.nats_url),
+    };
+    let mut options = match &config.nats_auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::UserPassword { user, password } => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+        NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| {
+                nats_error(format!(
+                    "cannot read credentials file {}: {e}",
+                    path.display()
+                ))
+            })?,
+    };
+    let tls = &config.nats_tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(roots) = &tls.root_certificates {
+        options = options.add_root_certificates(roots.clone());
+    }
+    if let Some((cert, key)) = &tls.client_certificate {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let target = config.nats_url_redacted();
+    options
+        .connection_timeout(config.connect_timeout)
+        .name(&config.source)
+        .event_callback(move |event| {
+            let target = target.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(nats = %target, "NATS connected")
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(nats = %target, "NATS disconnected; reconnecting")
+                    }
+                    other => tracing::debug!(nats = %target, event = %other, "NATS event"),
+                }
+            }
+        })
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| nats_error(e.to_string()))
+}
