@@ -250,6 +250,8 @@ pub struct NatsServer {
     name: String,
     store: PathBuf,
     child: Option<Child>,
+    /// Further nats-server arguments (e.g. `--user`, `--pass`).
+    extra: Vec<String>,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `/usr/sbin/nats-server`, else the
@@ -287,6 +289,11 @@ enum Spawned {
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> NatsServer {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with further arguments (e.g. `["--user", "me", "--pass", "pw"]`).
+    pub async fn start_with(extra: &[&str]) -> NatsServer {
         let id = unique();
         let store = std::env::temp_dir().join(format!("edupulse-nats-{id}"));
         std::fs::create_dir_all(&store).expect("create nats store dir");
@@ -295,6 +302,7 @@ impl NatsServer {
             name: format!("edupulse-test-{id}"),
             store,
             child: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         // `free_port` cannot reserve the port: another test may take it before the
         // server binds it. Then the server exits, and a new port is tried.
@@ -330,6 +338,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -3,7 +3,7 @@
 
 mod redact;
 
-pub(crate) use redact::{redact_text, redact_url};
+pub(crate) use redact::{redact_text, redact_url, split_nats_credentials, UrlCredentials};
 
 use crate::relay::RelaySettings;
 use std::fmt;
@@ -265,7 +265,11 @@ pub struct ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// The NATS server URL. Default `nats://127.0.0.1:4222`.
+    /// The NATS server URL, or a comma-separated list of them. Default
+    /// `nats://127.0.0.1:4222`. Credentials written in it (`nats://user:password@host`,
+    /// `nats://token@host`, percent-encoded where needed) are used unless
+    /// [`nats_auth`](Self::nats_auth) is set; they are handed to the client apart from
+    /// the address, and never shown.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.config.nats_url = url.into();
         self

@@ -2,15 +2,24 @@
 //! events without credentials.
 
 use super::ConnectError;
-use crate::config::{redact_text, Config, NatsAuth};
+use crate::config::{redact_text, split_nats_credentials, Config, NatsAuth, UrlCredentials};
 
 pub(super) async fn connect(config: &Config) -> Result<async_nats::Client, ConnectError> {
     let nats_error = |reason: String| ConnectError::Nats {
         target: config.nats_url_redacted(),
         reason: redact_text(&reason, &config.nats_url),
     };
+    // Credentials written in the URL reach the client as options, never inside an
+    // address it may log (async-nats logs server addresses at debug level).
+    let (servers, url_credentials) = split_nats_credentials(&config.nats_url);
     let mut options = match &config.nats_auth {
-        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::None => match url_credentials {
+            None => async_nats::ConnectOptions::new(),
+            Some(UrlCredentials::UserPassword { user, password }) => {
+                async_nats::ConnectOptions::with_user_and_password(user, password)
+            }
+            Some(UrlCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        },
         NatsAuth::UserPassword { user, password } => {
             async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
         }
@@ -52,7 +61,7 @@ pub(super) async fn connect(config: &Config) -> Result<async_nats::Client, Conne
                 }
             }
         })
-        .connect(config.nats_url.as_str())
+        .connect(servers.as_str())
         .await
         .map_err(|e| nats_error(e.to_string()))
 }
