@@ -35,10 +35,12 @@ pub(super) fn classify(error: &PublishError) -> Failure {
         }
         PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(message),
         PublishErrorKind::Other => {
-            let api = error
-                .source()
-                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
-            match api {
+            let source = error.source();
+            // The client refuses the subject before sending it: it always will.
+            if source.is_some_and(|s| s.is::<async_nats::SubjectError>()) {
+                return Failure::Permanent(message);
+            }
+            match source.and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>()) {
                 // The server refused this message as a bad request (too large for the
                 // stream, say): sending it again gets the same answer.
                 Some(api) if api.code() == 400 => Failure::Permanent(message),
@@ -221,6 +223,12 @@ mod tests {
         let permanent = [
             PublishError::new(PublishErrorKind::MaxPayloadExceeded),
             PublishError::with_source(PublishErrorKind::Other, api_error(400)),
+            // The client refuses the subject before sending (a hand-written event type
+            // or a row written by hand): it never will send it.
+            PublishError::with_source(
+                PublishErrorKind::Other,
+                async_nats::SubjectError::InvalidFormat,
+            ),
         ];
         for error in &permanent {
             assert!(matches!(classify(error), Failure::Permanent(_)), "{error}");
