@@ -2,8 +2,10 @@
 //! emit wrote, other publishers on the stream, writers that never finish.
 
 use edupulse_events::{DomainEvent, EmitErrorKind, EventState, SubjectError};
-use edupulse_events_tests::{wait_for, TestEnv};
+use edupulse_events_tests::{header, wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -125,4 +127,184 @@ async fn a_row_whose_subject_nats_refuses_goes_dead_and_later_events_are_publish
         dead[0].last_error
     );
     relay.shutdown().await.unwrap();
+}
+
+/// The ids of this service's events in the stream, in stream order (other publishers'
+/// messages left out).
+async fn our_ids(env: &TestEnv, js: &async_nats::jetstream::Context) -> Vec<Uuid> {
+    env.stream_messages(js)
+        .await
+        .iter()
+        .filter(|m| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get("ce-source"))
+                .is_some_and(|s| s.as_str() == "edupulse-tests")
+        })
+        .map(|m| header(m, "Nats-Msg-Id").parse().expect("a uuid"))
+        .collect()
+}
+
+/// Publishes plain messages to `subject` every 5 ms (200 a second) until stopped.
+fn foreign_publisher(
+    client: async_nats::Client,
+    subject: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(5));
+        let mut sent = 0;
+        while !stop.load(Ordering::SeqCst) {
+            ticker.tick().await;
+            if client
+                .publish(subject.clone(), "not an event".into())
+                .await
+                .is_ok()
+            {
+                sent += 1;
+            }
+        }
+        let _ = client.flush().await;
+        sent
+    })
+}
+
+#[tokio::test]
+async fn another_publisher_on_the_prefix_costs_at_most_one_batch_and_our_order_holds() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let js = env.jetstream().await;
+    let ids = service
+        .emit_all((0..3_000).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = async_nats::connect(env.nats_url.as_str()).await.unwrap();
+    let publisher = foreign_publisher(client, format!("{}.other.stuff", env.prefix), stop.clone());
+    wait_for(WAIT, "the other publisher's first messages", || async {
+        env.stream_len(&js).await >= 5
+    })
+    .await;
+
+    let relay = service.start_relay();
+    wait_for(WAIT, "every event to be published", || async {
+        service.outbox_status().await.unwrap().pending == 0 && relay.published() == 3_000
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let foreign_sent = publisher.await.unwrap();
+    assert!(foreign_sent > 0);
+
+    assert_eq!(
+        our_ids(&env, &js).await,
+        ids,
+        "each event once, in sequence order"
+    );
+    let batch = u64::from(TestEnv::fast_relay().batch_size);
+    assert!(
+        relay.sent() <= 3_000 + batch,
+        "{} sends for 3,000 events: more than one batch sent again",
+        relay.sent()
+    );
+    let status = service.outbox_status().await.unwrap();
+    assert!(status.foreign_messages > 0, "{status:?}");
+    assert!(status.last_foreign_message_age.is_some(), "{status:?}");
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_another_publisher_our_order_holds_across_a_nats_restart() {
+    let mut nats = NatsServer::start().await;
+    let env = TestEnv::with_nats(nats.url()).await;
+    let service = env.service().await;
+    let ids = service
+        .emit_all((0..2_000).map(|lesson_id| LessonPublished { lesson_id }))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = async_nats::connect(env.nats_url.as_str()).await.unwrap();
+    let publisher = foreign_publisher(client, format!("{}.other.stuff", env.prefix), stop.clone());
+    let relay = service.start_relay();
+    wait_for(WAIT, "some events to be published", || async {
+        relay.published() >= 200
+    })
+    .await;
+    nats.restart().await;
+    wait_for(
+        WAIT,
+        "every event to be published after the restart",
+        || async {
+            service.outbox_status().await.unwrap().pending == 0 && relay.published() >= 2_000
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    publisher.await.unwrap();
+    let js = env.jetstream().await;
+    assert_eq!(
+        our_ids(&env, &js).await,
+        ids,
+        "each event once, in sequence order"
+    );
+    relay.shutdown().await.unwrap();
+}
+
+/// Publishes a message with a raw header block over plain TCP, as any client may
+/// (async-nats would refuse to build such headers).
+async fn raw_hpub(nats_url: &str, subject: &str, header_block: &str, body: &str) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let address = nats_url.trim_start_matches("nats://");
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let total = header_block.len() + body.len();
+    let command = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\n\
+         HPUB {subject} {} {total}\r\n{header_block}{body}\r\nPING\r\n",
+        header_block.len()
+    );
+    stream
+        .get_mut()
+        .write_all(command.as_bytes())
+        .await
+        .unwrap();
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await.unwrap() == 0 {
+            panic!("the server closed the connection");
+        }
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_with_headers_no_client_can_parse_at_the_streams_tail_does_not_stop_the_relay() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let js = env.jetstream().await;
+    let subject = format!("{}.other.stuff", env.prefix);
+    for headers in [
+        "NATS/1.0\r\nBad Name: x\r\n\r\n",
+        "NATS/1.0\r\nno colon here\r\n\r\n",
+        "NATS/1.0\r\nN\u{e4}me: x\r\n\r\n",
+    ] {
+        raw_hpub(&env.nats_url, &subject, headers, "garbage").await;
+        let before = env.stream_len(&js).await;
+        let id = service
+            .emit(LessonPublished { lesson_id: 7 })
+            .await
+            .unwrap();
+        let relay = service.start_relay();
+        wait_for(WAIT, "the event after the unparseable message", || async {
+            service.event_state(id).await.unwrap() == Some(EventState::Published)
+        })
+        .await;
+        relay.shutdown().await.unwrap();
+        assert_eq!(env.stream_len(&js).await, before + 1, "{headers:?}");
+    }
 }

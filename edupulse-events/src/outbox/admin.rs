@@ -13,8 +13,11 @@ const STATUS: &str = formatcp!(
         (SELECT count(*) FROM {PENDING_EVENTS}) AS pending,
         (SELECT count(*) FROM {OUTBOX} WHERE status = 'dead') AS dead,
         oldest.seq AS oldest_seq,
-        extract(epoch FROM (clock_timestamp() - oldest.occurred_at))::float8 AS age
-     FROM (SELECT 1) AS one
+        extract(epoch FROM (clock_timestamp() - oldest.occurred_at))::float8 AS age,
+        progress.foreign_messages,
+        extract(epoch FROM (clock_timestamp() - progress.foreign_seen_at))::float8
+            AS foreign_age
+     FROM {RELAY_PROGRESS} AS progress
      LEFT JOIN LATERAL (
         SELECT seq, occurred_at FROM {PENDING_EVENTS} ORDER BY seq LIMIT 1
      ) AS oldest ON true"
@@ -64,6 +67,12 @@ pub struct OutboxStatus {
     pub oldest_pending_age: Duration,
     /// The sequence number of the oldest pending event.
     pub oldest_pending_seq: Option<i64>,
+    /// How many messages of other publishers the relay has found in its stream. They
+    /// are tolerated (the relay then publishes one event at a time, slower but in
+    /// order) but should not be there: give the service a prefix and stream of its own.
+    pub foreign_messages: i64,
+    /// How long ago the relay last found one; `None` if never.
+    pub last_foreign_message_age: Option<Duration>,
 }
 
 /// Which dead events [`EventService::requeue_dead`] puts back in line.
@@ -104,6 +113,10 @@ impl EventService {
             dead: row.try_get("dead")?,
             oldest_pending_seq: row.try_get("oldest_seq")?,
             oldest_pending_age: Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
+            foreign_messages: row.try_get("foreign_messages")?,
+            last_foreign_message_age: row
+                .try_get::<Option<f64>, _>("foreign_age")?
+                .map(|age| Duration::try_from_secs_f64(age.max(0.0)).unwrap_or(Duration::ZERO)),
         })
     }
 

@@ -5,13 +5,15 @@
 use super::fence::Fence;
 use super::mark::{self, Marker};
 use super::prune::Pruner;
-use super::publish::{publish, read_tail, Tail};
+use super::publish::{publish, publish_one_by_one, read_tail, Tail, TailRead};
 use super::read::{self, OutboxRow};
 use super::wake::{Wake, BUSY_BATCH};
 use super::RelayState;
 use crate::relay::RelaySettings;
 use crate::service::Inner;
 use crate::support::retry::{backoff, sleep_or_stop};
+use crate::support::sql::RELAY_PROGRESS;
+use const_format::formatcp;
 use sqlx::PgConnection;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -41,7 +43,20 @@ struct Marked {
     published: u64,
     /// When the first event that failed may be tried again.
     retry_in: Option<Duration>,
+    /// Whether JetStream refused an event because its predecessor was not the stream's
+    /// last message.
+    out_of_chain: bool,
 }
+
+/// How long the relay publishes one event at a time after it last saw another
+/// publisher's message in its stream.
+const ONE_BY_ONE_QUIET: Duration = Duration::from_secs(10);
+
+/// Counts messages of other publishers found in the stream.
+const RECORD_FOREIGN: &str = formatcp!(
+    "UPDATE {RELAY_PROGRESS}
+     SET foreign_messages = foreign_messages + $1, foreign_seen_at = now()"
+);
 
 /// Leads on `conn`, which holds the leader lock, until told to stop, until publishing
 /// has failed for `yield_after`, or until a Postgres error (the connection, and so the
@@ -67,6 +82,8 @@ pub(super) async fn lead(
         fence: Fence::default(),
         wake: Wake::listen(inner.pool.clone()),
         tail: None,
+        chain_broken: false,
+        one_by_one_until: None,
         tail_failures: 0,
         prefetched: None,
         failing_since: None,
@@ -91,6 +108,11 @@ struct Leader<'a> {
     wake: Wake,
     /// The stream's last message, when known (after a batch that went through whole).
     tail: Option<Tail>,
+    /// Whether the last batch broke its chain: the next tail read says why.
+    chain_broken: bool,
+    /// Until when to publish one event at a time: another publisher writes to the
+    /// stream, and its messages would break the chain.
+    one_by_one_until: Option<Instant>,
     tail_failures: i32,
     /// The next batch, read while the last one was being published.
     prefetched: Option<Vec<OutboxRow>>,
@@ -154,10 +176,81 @@ impl Leader<'_> {
             first_seq = batch[0].seq,
             last_seq = batch[batch.len() - 1].seq
         );
-        match self.known_tail().instrument(span.clone()).await {
-            Ok(tail) => self.publish_and_mark(batch, tail, span).await,
-            Err(step) => Ok(step),
+        if self.one_by_one() {
+            return self.publish_one_by_one_and_mark(batch, span).await;
         }
+        let read = match self.known_tail().instrument(span.clone()).await {
+            Ok(read) => read,
+            Err(step) => return Ok(step),
+        };
+        if std::mem::take(&mut self.chain_broken) && read.foreign {
+            // The chain broke on another publisher's message: chaining again would
+            // break again while it publishes.
+            self.other_publisher(1).await?;
+            return self.publish_one_by_one_and_mark(batch, span).await;
+        }
+        self.publish_and_mark(batch, read.tail, span).await
+    }
+
+    /// Whether to publish one event at a time now (another publisher was seen lately).
+    fn one_by_one(&mut self) -> bool {
+        match self.one_by_one_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.one_by_one_until = None;
+                // Others may have published since: chain to what the stream holds.
+                self.tail = None;
+                tracing::info!(
+                    quiet_for = ?ONE_BY_ONE_QUIET,
+                    "no other publisher seen in the stream lately; pipelining again"
+                );
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Another publisher appended `count` messages to the stream: count them where
+    /// `outbox_status()` shows them, and publish one event at a time for a while.
+    async fn other_publisher(&mut self, count: u64) -> Result<(), sqlx::Error> {
+        if self.one_by_one_until.is_none() {
+            tracing::warn!(
+                stream = %self.inner.config.stream,
+                prefix = %self.inner.config.subject_prefix,
+                "another publisher writes to the relay's stream; publishing one event at a \
+                 time (slower, still in order) until none has been seen for {ONE_BY_ONE_QUIET:?}; \
+                 give this service a subject prefix and stream of its own"
+            );
+        }
+        self.one_by_one_until = Some(Instant::now() + ONE_BY_ONE_QUIET);
+        sqlx::query(RECORD_FOREIGN)
+            .bind(i64::try_from(count).unwrap_or(i64::MAX))
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes `batch` one event at a time, each after the last was acknowledged,
+    /// and marks what went through.
+    async fn publish_one_by_one_and_mark(
+        &mut self,
+        mut batch: Vec<OutboxRow>,
+        span: tracing::Span,
+    ) -> Result<Step, sqlx::Error> {
+        let publishing = publish_one_by_one(self.inner, &mut batch, &self.state.sent);
+        let (outcome, foreign) = publishing.instrument(span.clone()).await;
+        self.state.batches.fetch_add(1, Ordering::SeqCst);
+        #[cfg(feature = "test-hooks")]
+        if self.state.crash_before_mark.load(Ordering::SeqCst) {
+            return Ok(Step::End(Led::Crashed));
+        }
+        if foreign > 0 {
+            self.other_publisher(foreign).await?;
+        }
+        let marked = self.mark(&batch, outcome).instrument(span).await?;
+        // Others may publish after ours: the next chain starts from what the stream holds.
+        self.tail = None;
+        self.after_batch(marked).await
     }
 
     /// Nothing to publish: wait for a mark in flight, for writers that did not notify,
@@ -207,9 +300,12 @@ impl Leader<'_> {
 
     /// The stream's last message, read unless known; when NATS cannot be read, the
     /// step to take instead (a wait, or yielding the lead).
-    async fn known_tail(&mut self) -> Result<Tail, Step> {
-        if let Some(known) = self.tail.take() {
-            return Ok(known);
+    async fn known_tail(&mut self) -> Result<TailRead, Step> {
+        if let Some(tail) = self.tail.take() {
+            return Ok(TailRead {
+                tail,
+                foreign: false,
+            });
         }
         match read_tail(self.inner).await {
             Ok(read) => {
@@ -313,12 +409,14 @@ impl Leader<'_> {
         Ok(Marked {
             published: sorted.published.len() as u64,
             retry_in,
+            out_of_chain: sorted.out_of_chain.is_some(),
         })
     }
 
     /// After a batch: yield the lead if nothing has gone through for too long, wait
     /// before a retry, prune.
     async fn after_batch(&mut self, marked: Marked) -> Result<Step, sqlx::Error> {
+        self.chain_broken |= marked.out_of_chain;
         if marked.published > 0 || marked.retry_in.is_none() {
             self.failing_since = None;
         } else if self.failing_too_long() {

@@ -96,9 +96,22 @@ impl TailError {
     }
 }
 
-/// Reads the stream's last message, to chain the next batch to it. A message whose
-/// `Nats-Msg-Id` is not an event id (another publisher's) is named by its sequence.
-pub(super) async fn read_tail(inner: &Inner) -> Result<Tail, TailError> {
+/// The stream's last message, as [`read_tail`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TailRead {
+    /// What the next batch chains to.
+    pub tail: Tail,
+    /// Whether that message is not one of this service's events: another publisher
+    /// writes to the stream.
+    pub foreign: bool,
+}
+
+/// Reads the stream's last message, to chain the next batch to it. A message that is
+/// not one of this service's events (another publisher's: its `Nats-Msg-Id` is not a
+/// UUID, or its `ce-source` is not this service's) is named by its sequence, and so
+/// is one whose headers cannot be read (a client cannot parse them): chaining by
+/// sequence needs nothing of the message.
+pub(super) async fn read_tail(inner: &Inner) -> Result<TailRead, TailError> {
     let mut stream = inner
         .jetstream
         .get_stream(&inner.config.stream)
@@ -111,19 +124,110 @@ pub(super) async fn read_tail(inner: &Inner) -> Result<Tail, TailError> {
         .state
         .last_sequence;
     if last == 0 {
-        return Ok(Tail::Empty);
+        return Ok(TailRead {
+            tail: Tail::Empty,
+            foreign: false,
+        });
     }
+    let by_sequence = |foreign| TailRead {
+        tail: Tail::Sequence(last),
+        foreign,
+    };
     match stream.get_raw_message(last).await {
-        Ok(message) => Ok(message
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .and_then(|id| id.as_str().parse::<Uuid>().ok())
-            .map_or(Tail::Sequence(last), Tail::MsgId)),
-        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-            Ok(Tail::Sequence(last))
+        Ok(message) => {
+            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+            let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
+                .and_then(|id| id.parse::<Uuid>().ok());
+            let ours = header(crate::wire::headers::SOURCE).as_deref()
+                == Some(inner.config.source.as_str());
+            Ok(match id {
+                Some(id) if ours => TailRead {
+                    tail: Tail::MsgId(id),
+                    foreign: false,
+                },
+                _ => by_sequence(true),
+            })
         }
-        Err(error) => Err(TailError::new("the stream's last message", error)),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+            Ok(by_sequence(false))
+        }
+        Err(error) => {
+            // Its headers may not parse (another publisher's bytes), or the read
+            // failed: the sequence is known, and chaining by it is as safe.
+            tracing::debug!(%error, sequence = last, "cannot read the stream's last message; chaining by its sequence");
+            Ok(by_sequence(false))
+        }
     }
+}
+
+/// Publishes a batch one event at a time, each sent only after the last was
+/// acknowledged, with no chain: used while another publisher writes to the stream,
+/// whose messages would break a chain. Nothing is sent while an earlier event may be
+/// lost, so the order holds across reconnects. Returns one result per row (up to the
+/// first that must wait) and how many foreign messages the acks showed between ours.
+pub(super) async fn publish_one_by_one(
+    inner: &Inner,
+    batch: &mut [OutboxRow],
+    sent_count: &AtomicU64,
+) -> (Vec<Result<(), Failure>>, u64) {
+    let mut results = Vec::with_capacity(batch.len());
+    let mut last_sequence: Option<u64> = None;
+    let mut foreign = 0;
+    for row in batch.iter_mut() {
+        let result = match send(inner, row, None).await {
+            Ok(ack) => {
+                sent_count.fetch_add(1, Ordering::Relaxed);
+                ack.await.map_err(|e| classify(&e))
+            }
+            Err(failure) => Err(failure),
+        };
+        match result {
+            Ok(ack) => {
+                if !ack.duplicate {
+                    if let Some(previous) = last_sequence {
+                        foreign += ack.sequence.saturating_sub(previous).saturating_sub(1);
+                    }
+                    last_sequence = Some(ack.sequence);
+                }
+                results.push(Ok(()));
+            }
+            Err(failure) => {
+                let transient = !matches!(failure, Failure::Permanent(_));
+                results.push(Err(failure));
+                if transient {
+                    break;
+                }
+            }
+        }
+    }
+    (results, foreign)
+}
+
+/// Sends one event, chained to `previous` if given.
+async fn send(
+    inner: &Inner,
+    row: &mut OutboxRow,
+    previous: Option<&Tail>,
+) -> Result<PublishAckFuture, Failure> {
+    let prefix = &inner.config.subject_prefix;
+    let mut headers = row
+        .envelope()
+        .header_map()
+        .map_err(|why| Failure::Permanent(why.to_string()))?;
+    if let Some((name, value)) = previous.and_then(Tail::expectation) {
+        headers.insert(name, value);
+    }
+    let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
+    subject.push_str(prefix);
+    subject.push('.');
+    subject.push_str(&row.subject);
+    // The body is not needed after this: a failed event is read again.
+    let payload = Bytes::from(std::mem::take(&mut row.payload).into_bytes());
+    inner
+        .jetstream
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|error| classify(&error))
 }
 
 /// Publishes a batch, many acks in flight; one result per row, in order, for the rows
@@ -146,39 +250,18 @@ pub(super) async fn publish(
     tail: &Tail,
     sent_count: &AtomicU64,
 ) -> Vec<Result<(), Failure>> {
-    let prefix = &inner.config.subject_prefix;
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
     let mut previous = tail.clone();
     for row in batch.iter_mut() {
-        let mut headers = match row.envelope().header_map() {
-            Ok(headers) => headers,
-            Err(why) => {
-                sent.push(Err(Failure::Permanent(why.to_string())));
-                continue;
-            }
-        };
-        if let Some((name, value)) = std::mem::replace(&mut previous, Tail::Empty).expectation() {
-            headers.insert(name, value);
-        }
-        let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
-        subject.push_str(prefix);
-        subject.push('.');
-        subject.push_str(&row.subject);
-        // The body is not needed after this: a failed event is read again.
-        let payload = Bytes::from(std::mem::take(&mut row.payload).into_bytes());
-        match inner
-            .jetstream
-            .publish_with_headers(subject, headers, payload)
-            .await
-        {
+        match send(inner, row, Some(&previous)).await {
             Ok(ack) => {
                 sent_count.fetch_add(1, Ordering::Relaxed);
                 previous = Tail::MsgId(row.id);
                 sent.push(Ok(ack));
             }
-            Err(error) => {
-                let failure = classify(&error);
+            Err(failure) => {
                 let transient = matches!(failure, Failure::Transient(_));
+                // Not sent: the next event names the same predecessor.
                 sent.push(Err(failure));
                 if transient {
                     // Sending later events now could put them ahead of this one.
