@@ -308,3 +308,47 @@ async fn a_message_with_headers_no_client_can_parse_at_the_streams_tail_does_not
         assert_eq!(env.stream_len(&js).await, before + 1, "{headers:?}");
     }
 }
+
+/// A subject of `len` bytes: tokens of about 200 `x`, dot-separated.
+fn subject_of(len: usize) -> String {
+    let mut subject = "x".repeat(len.min(200));
+    while subject.len() < len {
+        let rest = len - subject.len();
+        if rest == 1 {
+            // No room for a dot and a token: the last token grows by one.
+            subject.push('x');
+        } else {
+            subject.push('.');
+            subject.push_str(&"x".repeat((rest - 1).min(200)));
+        }
+    }
+    subject
+}
+
+#[tokio::test]
+async fn a_subject_longer_than_nats_carries_is_refused_at_emit_and_the_longest_accepted_is_published(
+) {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let js = env.jetstream().await;
+    let max = 3_840 - env.prefix.len() - 1;
+    let too_long = HandWritten {
+        subject: subject_of(max + 1),
+    };
+    let error = service.emit(too_long).await.expect_err("too long");
+    assert_eq!(error.kind(), EmitErrorKind::Subject, "{error}");
+    assert!(error.to_string().contains("3840"), "{error}");
+    let longest = subject_of(max);
+    assert_eq!(env.prefix.len() + 1 + longest.len(), 3_840);
+    let id = service
+        .emit(HandWritten { subject: longest })
+        .await
+        .expect("the longest subject");
+    let relay = service.start_relay();
+    wait_for(WAIT, "the longest subject to be published", || async {
+        service.event_state(id).await.unwrap() == Some(EventState::Published)
+    })
+    .await;
+    assert_eq!(env.stream_ids(&js).await, vec![id]);
+    relay.shutdown().await.unwrap();
+}

@@ -6,6 +6,7 @@ mod redact;
 pub(crate) use redact::{redact_text, redact_url, split_nats_credentials, UrlCredentials};
 
 use crate::relay::RelaySettings;
+use crate::support::range::check_duration;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -382,6 +383,9 @@ impl ConfigBuilder {
                     .to_owned(),
             ));
         }
+        check_duration("duplicate_window", config.duplicate_window, None)
+            .and_then(|()| check_duration("connect_timeout", config.connect_timeout, None))
+            .map_err(ConfigError::OutOfRange)?;
         if config.max_connections < 2 {
             return Err(ConfigError::OutOfRange(format!(
                 "max_connections {} is too small; the service needs at least 2 (one listens \

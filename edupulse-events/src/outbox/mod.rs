@@ -141,6 +141,16 @@ pub enum EmitError {
         /// The limit, in bytes.
         max: usize,
     },
+    /// The full subject is longer than NATS can carry in one command line.
+    #[error("event `{event}` has a subject of {len} bytes with the prefix, more than the {max} NATS carries; use shorter subject tokens (placeholder values) or a shorter prefix")]
+    SubjectTooLong {
+        /// The event name.
+        event: &'static str,
+        /// The full subject's length, in bytes.
+        len: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
     /// The traceparent is not a W3C trace context.
     #[error("traceparent {0:?} is not a W3C trace context; pass one like 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01, or none")]
     Traceparent(String),
@@ -162,6 +172,7 @@ impl EmitError {
             EmitError::Definition { .. } => EmitErrorKind::Definition,
             EmitError::Encode { .. } => EmitErrorKind::Encode,
             EmitError::TooLarge { .. } => EmitErrorKind::TooLarge,
+            EmitError::SubjectTooLong { .. } => EmitErrorKind::Subject,
             EmitError::Traceparent(_) => EmitErrorKind::Traceparent,
             EmitError::NotMigrated => EmitErrorKind::NotMigrated,
             EmitError::Database(_) => EmitErrorKind::Database,

@@ -56,6 +56,11 @@ fn printed_fits(json: &str, limit: usize) -> bool {
     true
 }
 
+/// The longest full subject (prefix, `.`, subject) an event may have. NATS reads a
+/// command line of at most 4 KiB (`HPUB {subject} {reply inbox} {sizes}`): this leaves
+/// room for the rest.
+pub(crate) const MAX_SUBJECT_LEN: usize = 3_840;
+
 /// Checks what the type says of itself: its name by the derive's rule, and the subject
 /// it made token by token. A derived type always passes; a hand-written impl may not,
 /// and what it would publish is refused here rather than retried by the relay for
@@ -81,6 +86,14 @@ impl EventService {
     ) -> Result<Prepared, EmitError> {
         let subject = outgoing.event.subject()?;
         check_definition::<E>(&subject)?;
+        let full = self.inner.config.subject_prefix.len() + 1 + subject.len();
+        if full > MAX_SUBJECT_LEN {
+            return Err(EmitError::SubjectTooLong {
+                event: E::NAME,
+                len: full,
+                max: MAX_SUBJECT_LEN,
+            });
+        }
         let payload =
             serde_json::to_string(&outgoing.event).map_err(|source| EmitError::Encode {
                 event: E::NAME,

@@ -33,11 +33,19 @@ const PRUNE: &str = formatcp!(
 /// At most this many statements per pruning round, so publishing never waits long.
 const STATEMENTS_PER_ROUND: usize = 10;
 
+/// Marks within one slice of the retention (a 64th, at least a second) share one entry:
+/// a busy relay marks a batch every few milliseconds, and an entry each would grow the
+/// queue to tens of millions over a week's retention.
+const SLICES: u32 = 64;
+
 /// Deletes published rows older than the retention.
 pub(super) struct Pruner {
     retention: Duration,
-    /// (when marked, highest seq marked then).
+    /// (when last marked, highest seq marked then), one entry per slice of the
+    /// retention.
     marks: VecDeque<(Instant, i64)>,
+    /// When the newest entry's slice began.
+    slice_started: Option<Instant>,
     /// Rows up to here may be old enough: those marked one by one are checked by their
     /// `published_at`.
     prunable_up_to: i64,
@@ -52,6 +60,7 @@ impl Pruner {
         Pruner {
             retention,
             marks: VecDeque::new(),
+            slice_started: None,
             prunable_up_to: 0,
             aged_through: 0,
             last_run: Instant::now(),
@@ -83,7 +92,18 @@ impl Pruner {
 
     /// Everything up to `seq` was marked published just now.
     pub fn published_up_to(&mut self, seq: i64) {
-        self.marks.push_back((Instant::now(), seq));
+        let now = Instant::now();
+        let slice = (self.retention / SLICES).max(Duration::from_secs(1));
+        if let (Some(started), Some(newest)) = (self.slice_started, self.marks.back_mut()) {
+            if now.duration_since(started) < slice {
+                // The entry takes the newest time: its rows age from their last mark,
+                // so none is pruned before its retention has passed.
+                *newest = (now, newest.1.max(seq));
+                return;
+            }
+        }
+        self.slice_started = Some(now);
+        self.marks.push_back((now, seq));
     }
 
     /// Takes in the marks that have aged past the retention.
@@ -135,6 +155,16 @@ impl Pruner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_of_one_slice_share_an_entry_so_memory_stays_bounded() {
+        let mut pruner = Pruner::new(Duration::from_secs(7 * 24 * 3600));
+        for seq in 1..=100_000 {
+            pruner.published_up_to(seq);
+        }
+        assert_eq!(pruner.marks.len(), 1);
+        assert_eq!(pruner.marks.back().map(|m| m.1), Some(100_000));
+    }
 
     #[test]
     fn only_marks_older_than_the_retention_make_rows_prunable() {

@@ -1,6 +1,7 @@
 //! [`RelaySettings`]: how the relay works, with explicit defaults, and the check of
 //! their ranges that [`ConfigBuilder::build`](crate::ConfigBuilder::build) runs.
 
+use crate::support::range::check_duration;
 use std::time::Duration;
 
 /// How the relay works; every field has a default (see [`RelaySettings::default`]).
@@ -76,8 +77,30 @@ impl RelaySettings {
         if self.prune_batch == 0 {
             return Err("relay prune_batch is 0; use 1 or more".to_owned());
         }
-        if self.ack_timeout.is_zero() || self.poll_interval.is_zero() {
-            return Err("relay ack_timeout and poll_interval must be more than zero".to_owned());
+        let durations = [
+            ("relay poll_interval", self.poll_interval, None),
+            ("relay standby_interval", self.standby_interval, None),
+            ("relay ack_timeout", self.ack_timeout, None),
+            ("relay retry_base", self.retry_base, None),
+            ("relay retry_max", self.retry_max, None),
+            ("relay prune_interval", self.prune_interval, None),
+            ("relay retention", self.retention, Some("delete on publish")),
+            (
+                "relay order_wait_limit",
+                self.order_wait_limit,
+                Some("never wait"),
+            ),
+            ("relay yield_after", self.yield_after, Some("never yield")),
+        ];
+        for (name, value, zero_means) in durations {
+            check_duration(name, value, zero_means)?;
+        }
+        if self.retry_max < self.retry_base {
+            return Err(format!(
+                "relay retry_max ({:?}) is shorter than retry_base ({:?}); make it at least as \
+                 long",
+                self.retry_max, self.retry_base
+            ));
         }
         Ok(())
     }
