@@ -352,3 +352,36 @@ async fn a_subject_longer_than_nats_carries_is_refused_at_emit_and_the_longest_a
     assert_eq!(env.stream_ids(&js).await, vec![id]);
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_existing_stream_that_can_drop_unread_events_is_refused_unless_accepted() {
+    use async_nats::jetstream::stream;
+    let env = TestEnv::new().await;
+    let js = env.jetstream().await;
+    js.create_stream(stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.prefix)],
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(3600),
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let config = env.config().build().unwrap();
+    let error = edupulse_events::EventService::connect(config)
+        .await
+        .expect_err("a lossy stream");
+    assert_eq!(
+        error.kind(),
+        edupulse_events::ConnectErrorKind::StreamConflict
+    );
+    let message = error.to_string();
+    for word in ["memory", "max_age", "allow_lossy_stream"] {
+        assert!(message.contains(word), "{word}: {message}");
+    }
+    let accepted = env.config().allow_lossy_stream(true).build().unwrap();
+    edupulse_events::EventService::connect(accepted)
+        .await
+        .expect("accepted explicitly");
+}

@@ -83,6 +83,7 @@ pub struct Config {
     pub(crate) max_connections: u32,
     pub(crate) connect_timeout: Duration,
     pub(crate) notify: bool,
+    pub(crate) allow_lossy_stream: bool,
     pub(crate) relay: RelaySettings,
 }
 
@@ -100,6 +101,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("notify", &self.notify)
+            .field("allow_lossy_stream", &self.allow_lossy_stream)
             .field("relay", &self.relay)
             .finish()
     }
@@ -205,6 +207,7 @@ impl Config {
                 max_connections: 10,
                 connect_timeout: Duration::from_secs(5),
                 notify: true,
+                allow_lossy_stream: false,
                 relay: RelaySettings::default(),
             },
         }
@@ -329,6 +332,16 @@ impl ConfigBuilder {
     /// without it the relay finds events within its poll interval.
     pub fn notify(mut self, notify: bool) -> Self {
         self.config.notify = notify;
+        self
+    }
+
+    /// Whether to accept an existing stream that can drop events before consumers read
+    /// them: memory storage, `max_age`, or `max_msgs`/`max_bytes`/`max_msgs_per_subject`
+    /// with discard old. Default false: [`EventService::connect`](crate::EventService::connect)
+    /// refuses such a stream, saying what it would drop. Accept it only if every
+    /// consumer group always reads within those limits.
+    pub fn allow_lossy_stream(mut self, allow: bool) -> Self {
+        self.config.allow_lossy_stream = allow;
         self
     }
 

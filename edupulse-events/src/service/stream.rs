@@ -115,7 +115,56 @@ fn differences(config: &Config, found: &stream::Config) -> Vec<String> {
             found.retention
         ));
     }
+    if found.no_ack {
+        differences.push(
+            "it does not acknowledge publishes (no_ack): the relay could never know an event \
+             was stored"
+                .to_owned(),
+        );
+    }
+    if !config.allow_lossy_stream {
+        differences.extend(losses(found));
+    }
     differences
+}
+
+/// How `found` can drop events that were acknowledged before any consumer read them.
+fn losses(found: &stream::Config) -> Vec<String> {
+    let mut losses = Vec::new();
+    if found.storage == stream::StorageType::Memory {
+        losses.push("it keeps messages in memory, lost when the server restarts".to_owned());
+    }
+    if !found.max_age.is_zero() {
+        losses.push(format!(
+            "it drops messages older than {:?} (max_age), read or not",
+            found.max_age
+        ));
+    }
+    if found.discard == stream::DiscardPolicy::Old {
+        let limits: Vec<String> = [
+            ("max_msgs", found.max_messages),
+            ("max_bytes", found.max_bytes),
+            ("max_msgs_per_subject", found.max_messages_per_subject),
+        ]
+        .into_iter()
+        .filter(|(_, limit)| *limit > 0)
+        .map(|(name, limit)| format!("{name} {limit}"))
+        .collect();
+        if !limits.is_empty() {
+            losses.push(format!(
+                "it drops its oldest messages beyond {} (discard old), read or not",
+                limits.join(", ")
+            ));
+        }
+    }
+    if !losses.is_empty() {
+        losses.push(
+            "if consumers always keep up within those limits, accept it with \
+             ConfigBuilder::allow_lossy_stream(true)"
+                .to_owned(),
+        );
+    }
+    losses
 }
 
 #[cfg(test)]
@@ -152,5 +201,83 @@ mod tests {
         assert!(found[0].contains("acme.events.>"));
         assert!(found[1].contains("duplicate window"));
         assert!(found[2].contains("WorkQueue"));
+    }
+
+    #[test]
+    fn a_stream_that_can_drop_unread_events_is_refused_unless_accepted() {
+        let config = config();
+        let good = stream::Config {
+            name: "ACME".into(),
+            subjects: vec!["acme.events.>".into()],
+            duplicate_window: config.duplicate_window,
+            ..Default::default()
+        };
+        let lossy = [
+            (
+                stream::Config {
+                    storage: stream::StorageType::Memory,
+                    ..good.clone()
+                },
+                "memory",
+            ),
+            (
+                stream::Config {
+                    max_age: Duration::from_secs(60),
+                    ..good.clone()
+                },
+                "max_age",
+            ),
+            (
+                stream::Config {
+                    max_messages: 1000,
+                    ..good.clone()
+                },
+                "max_msgs 1000",
+            ),
+            (
+                stream::Config {
+                    max_bytes: 1 << 20,
+                    ..good.clone()
+                },
+                "max_bytes",
+            ),
+            (
+                stream::Config {
+                    max_messages_per_subject: 1,
+                    ..good.clone()
+                },
+                "max_msgs_per_subject 1",
+            ),
+        ];
+        for (found, word) in &lossy {
+            let differences = differences(&config, found);
+            assert!(
+                differences.iter().any(|d| d.contains(word)),
+                "{word}: {differences:?}"
+            );
+            assert!(differences.iter().any(|d| d.contains("allow_lossy_stream")));
+        }
+        // Limits that refuse new messages instead of dropping old ones lose nothing.
+        let refusing = stream::Config {
+            max_messages: 1000,
+            discard: stream::DiscardPolicy::New,
+            ..good.clone()
+        };
+        assert!(differences(&config, &refusing).is_empty());
+        let accepting = Config::builder("postgres://u@h/db")
+            .subject_prefix("acme.events")
+            .stream("ACME")
+            .allow_lossy_stream(true)
+            .build()
+            .expect("a valid config");
+        for (found, word) in &lossy {
+            assert!(differences(&accepting, found).is_empty(), "{word}");
+        }
+        // No acks: never accepted.
+        let no_ack = stream::Config {
+            no_ack: true,
+            ..good
+        };
+        assert_eq!(differences(&accepting, &no_ack).len(), 1);
     }
 }
