@@ -41,7 +41,7 @@ pub use consumer::{
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{DomainEvent, SubjectError};
-pub use migrate::{migrator, MigrateError};
+pub use migrate::{grants_sql, migrator, MigrateError};
 pub use outbox::{
     DeadEvent, EmitError, EmitErrorKind, EventState, OutboxStatus, Outgoing, Requeue,
 };

@@ -185,11 +185,20 @@ impl EventService {
     }
 
     /// Applies the outbox migrations (schema `edupulse`, tracked in
-    /// `edupulse._migrations`). Safe to call from several processes at once.
+    /// `edupulse._migrations`). Safe to call from several processes at once. When every
+    /// migration is applied already it only reads `edupulse._migrations`, so a role
+    /// without the right to create tables may call it at every start (see
+    /// [`grants_sql`](crate::grants_sql)).
     ///
     /// # Errors
     /// [`MigrateError`] when a migration fails or the applied ones were changed.
     pub async fn migrate(&self) -> Result<(), MigrateError> {
+        if crate::migrate::up_to_date(&self.inner.pool)
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
         migrator().run(&self.inner.pool).await?;
         Ok(())
     }

@@ -28,12 +28,13 @@ pub(crate) const MIGRATIONS: &str = formatcp!("{SCHEMA}._migrations");
 pub(crate) const CHANNEL: &str = "edupulse_outbox";
 
 /// Notifies the relay at commit: `pg_notify` on [`CHANNEL`].
-pub(crate) const NOTIFY: &str = formatcp!("SELECT pg_notify('{CHANNEL}', '')");
+pub(crate) const NOTIFY: &str = formatcp!("SELECT pg_catalog.pg_notify('{CHANNEL}', '')");
 
 /// A subquery that notifies the relay only while it says it is idle; its value (a
 /// count, 0 or 1) is of no use. Spliced into the emitting statements.
-pub(crate) const NOTIFY_IF_IDLE: &str =
-    formatcp!("(SELECT count(pg_notify('{CHANNEL}', '')) FROM {RELAY_IDLE} WHERE last_value = 1)");
+pub(crate) const NOTIFY_IF_IDLE: &str = formatcp!(
+    "(SELECT count(pg_catalog.pg_notify('{CHANNEL}', '')) FROM {RELAY_IDLE} WHERE last_value = 1)"
+);
 
 #[cfg(test)]
 mod tests {
@@ -43,7 +44,7 @@ mod tests {
     fn names_are_built_from_the_schema() {
         assert_eq!(OUTBOX, "edupulse.outbox");
         assert_eq!(MIGRATIONS, "edupulse._migrations");
-        assert_eq!(NOTIFY, "SELECT pg_notify('edupulse_outbox', '')");
+        assert_eq!(NOTIFY, "SELECT pg_catalog.pg_notify('edupulse_outbox', '')");
         assert!(NOTIFY_IF_IDLE.contains("FROM edupulse.relay_idle WHERE last_value = 1"));
     }
 }
