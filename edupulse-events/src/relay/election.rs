@@ -5,7 +5,7 @@
 use super::leader::{lead, Led};
 use super::RelayState;
 use crate::service::Inner;
-use crate::support::pg::{is_undefined_table, open_session};
+use crate::support::pg::{is_undefined_table, open_session, Within};
 use crate::support::retry::sleep_or_stop;
 use sqlx::{Connection, PgConnection};
 use std::sync::atomic::Ordering;
@@ -49,7 +49,8 @@ pub(super) async fn run(inner: Arc<Inner>, stop: watch::Receiver<bool>, state: A
         }
     }
     if let Some(conn) = election.standby.take() {
-        let _ = conn.close().await;
+        let limit = election.inner.config.relay.statement_timeout;
+        let _ = conn.close().within(limit).await;
     }
 }
 
@@ -67,7 +68,7 @@ impl Election {
         let settings = &self.inner.config.relay;
         let mut conn = match self.standby.take() {
             Some(conn) => conn,
-            None => match open_session(&self.inner.pg_options).await {
+            None => match open_session(&self.inner.pg_options, settings.statement_timeout).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot reach Postgres; retrying");
@@ -78,6 +79,7 @@ impl Election {
         let locked = sqlx::query_scalar::<_, bool>(TRY_LOCK)
             .bind(LEADER_LOCK)
             .fetch_one(&mut conn)
+            .within(settings.statement_timeout)
             .await;
         match locked {
             Ok(true) => self.lead(conn).await,
@@ -104,8 +106,9 @@ impl Election {
                 let _ = sqlx::query(UNLOCK)
                     .bind(LEADER_LOCK)
                     .execute(&mut conn)
+                    .within(settings.statement_timeout)
                     .await;
-                let _ = conn.close().await;
+                let _ = conn.close().within(settings.statement_timeout).await;
                 tracing::info!("relay stopped");
                 Round::Stop
             }
@@ -113,6 +116,7 @@ impl Election {
                 let unlocked = sqlx::query(UNLOCK)
                     .bind(LEADER_LOCK)
                     .execute(&mut conn)
+                    .within(settings.statement_timeout)
                     .await;
                 if unlocked.is_ok() {
                     self.standby = Some(conn);
@@ -134,7 +138,7 @@ impl Election {
                     "the outbox tables are missing: call EventService::migrate() \
                      (or apply the migrations) before the relay can publish"
                 );
-                let _ = conn.close().await;
+                let _ = conn.close().within(settings.statement_timeout).await;
                 Round::Wait(settings.retry_max)
             }
             Err(error) => {

@@ -10,6 +10,7 @@
 //! *held* (it marks events one by one) until that transaction has ended.
 
 use crate::relay::RelaySettings;
+use crate::support::pg::Within;
 use crate::support::retry::sleep_or_stop;
 use crate::support::sql::{OUTBOX, OUTBOX_SEQ};
 use const_format::formatcp;
@@ -103,6 +104,7 @@ impl Fence {
         let (fence, holders): (i64, Vec<Vxid>) = sqlx::query_as(FENCE_AND_HOLDERS)
             .bind(marker_pid)
             .fetch_one(&mut *conn)
+            .within(settings.statement_timeout)
             .await?;
         if self.wait_for(conn, settings, stop, holders).await? {
             return Ok(None);
@@ -121,6 +123,7 @@ impl Fence {
         let holders = sqlx::query_scalar(HOLDERS)
             .bind(marker_pid)
             .fetch_one(&mut *conn)
+            .within(settings.statement_timeout)
             .await?;
         self.wait_for(conn, settings, stop, holders).await
     }
@@ -148,6 +151,7 @@ impl Fence {
             let still: i64 = sqlx::query_scalar(STILL_HOLDING)
                 .bind(&waiting)
                 .fetch_one(&mut *conn)
+                .within(settings.statement_timeout)
                 .await?;
             if still == 0 {
                 return Ok(false);

@@ -5,14 +5,15 @@
 use super::fence::Fence;
 use super::mark::{self, Marker};
 use super::prune::Pruner;
-use super::publish::{publish, publish_one_by_one, read_tail, Tail, TailRead};
+use super::publish::{publish, publish_one_by_one, read_tail, Suspect, Tail, TailRead};
 use super::read::{self, OutboxRow};
 use super::wake::{Wake, BUSY_BATCH};
 use super::RelayState;
 use crate::relay::RelaySettings;
 use crate::service::Inner;
+use crate::support::pg::Within;
 use crate::support::retry::{backoff, sleep_or_stop};
-use crate::support::sql::RELAY_PROGRESS;
+use crate::support::sql::{OUTBOX, RELAY_PROGRESS};
 use const_format::formatcp;
 use sqlx::PgConnection;
 use std::sync::atomic::Ordering;
@@ -52,6 +53,9 @@ struct Marked {
 /// publisher's message in its stream.
 const ONE_BY_ONE_QUIET: Duration = Duration::from_secs(10);
 
+/// Whether the outbox has the event with this id.
+const IN_OUTBOX: &str = formatcp!("SELECT 1 FROM {OUTBOX} WHERE id = $1");
+
 /// Counts messages of other publishers found in the stream.
 const RECORD_FOREIGN: &str = formatcp!(
     "UPDATE {RELAY_PROGRESS}
@@ -69,8 +73,8 @@ pub(super) async fn lead(
     state: &RelayState,
 ) -> Result<Led, sqlx::Error> {
     let settings = &inner.config.relay;
-    let pruner = Pruner::start(conn, settings.retention).await?;
-    let marker = Marker::open(&inner.pg_options, settings.retention).await?;
+    let pruner = Pruner::start(conn, settings).await?;
+    let marker = Marker::open(&inner.pg_options, settings).await?;
     let mut leader = Leader {
         inner,
         settings,
@@ -80,7 +84,7 @@ pub(super) async fn lead(
         marker,
         pruner,
         fence: Fence::default(),
-        wake: Wake::listen(inner.pool.clone()),
+        wake: Wake::listen(inner.pool.clone(), settings.statement_timeout),
         tail: None,
         chain_broken: false,
         one_by_one_until: None,
@@ -183,13 +187,29 @@ impl Leader<'_> {
             Ok(read) => read,
             Err(step) => return Ok(step),
         };
-        if std::mem::take(&mut self.chain_broken) && read.foreign {
+        if std::mem::take(&mut self.chain_broken) && self.is_foreign(read.suspect).await? {
             // The chain broke on another publisher's message: chaining again would
             // break again while it publishes.
             self.other_publisher(1).await?;
             return self.publish_one_by_one_and_mark(batch, span).await;
         }
         self.publish_and_mark(batch, read.tail, span).await
+    }
+
+    /// Whether the stream's last message is another publisher's.
+    async fn is_foreign(&mut self, suspect: Option<Suspect>) -> Result<bool, sqlx::Error> {
+        match suspect {
+            None => Ok(false),
+            Some(Suspect::NotAnEvent) => Ok(true),
+            Some(Suspect::OtherSource(id)) => {
+                let ours: Option<i32> = sqlx::query_scalar(IN_OUTBOX)
+                    .bind(id)
+                    .fetch_optional(&mut *self.conn)
+                    .within(self.settings.statement_timeout)
+                    .await?;
+                Ok(ours.is_none())
+            }
+        }
     }
 
     /// Whether to publish one event at a time now (another publisher was seen lately).
@@ -226,6 +246,7 @@ impl Leader<'_> {
         sqlx::query(RECORD_FOREIGN)
             .bind(i64::try_from(count).unwrap_or(i64::MAX))
             .execute(&mut *self.conn)
+            .within(self.settings.statement_timeout)
             .await?;
         Ok(())
     }
@@ -304,7 +325,7 @@ impl Leader<'_> {
         if let Some(tail) = self.tail.take() {
             return Ok(TailRead {
                 tail,
-                foreign: false,
+                suspect: None,
             });
         }
         match read_tail(self.inner).await {
@@ -388,7 +409,7 @@ impl Leader<'_> {
         outcome: Vec<Result<(), super::publish::Failure>>,
     ) -> Result<Marked, sqlx::Error> {
         let sorted = mark::sort(batch, outcome);
-        mark::record_dead(self.conn, &sorted.dead).await?;
+        mark::record_dead(self.conn, &sorted.dead, self.settings.statement_timeout).await?;
         let done = sorted.mark(self.fence.held());
         self.marker
             .start(done, self.state, &mut self.pruner)

@@ -7,7 +7,7 @@ use super::publish::Failure;
 use super::read::OutboxRow;
 use super::RelayState;
 use crate::relay::RelaySettings;
-use crate::support::pg::open_session;
+use crate::support::pg::{open_session, Within};
 use crate::support::retry::backoff;
 use crate::support::sql::{OUTBOX, RELAY_PROGRESS};
 use const_format::formatcp;
@@ -144,6 +144,7 @@ impl Sorted<'_> {
 pub(super) async fn record_dead(
     conn: &mut PgConnection,
     dead: &[(&OutboxRow, String)],
+    limit: Duration,
 ) -> Result<(), sqlx::Error> {
     for (row, why) in dead {
         tracing::error!(
@@ -154,6 +155,7 @@ pub(super) async fn record_dead(
             .bind(row.seq)
             .bind(why)
             .execute(&mut *conn)
+            .within(limit)
             .await?;
     }
     Ok(())
@@ -181,6 +183,7 @@ pub(super) async fn record_failure(
         .bind(why)
         .bind(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX))
         .execute(&mut *conn)
+        .within(settings.statement_timeout)
         .await?;
     Ok(delay)
 }
@@ -195,6 +198,8 @@ pub(super) struct Marker {
     pid: i32,
     retention_zero: bool,
     pg_options: PgConnectOptions,
+    /// How long a statement may take (`statement_timeout`).
+    limit: Duration,
     /// `relay_progress.published_through` as this relay last wrote or read it: every
     /// pending event at or below it is published.
     through: i64,
@@ -211,13 +216,14 @@ impl Marker {
     /// Opens the marking connection and reads the mark.
     pub async fn open(
         pg_options: &PgConnectOptions,
-        retention: Duration,
+        settings: &RelaySettings,
     ) -> Result<Marker, sqlx::Error> {
         let mut marker = Marker {
             conn: None,
             pid: 0,
-            retention_zero: retention.is_zero(),
+            retention_zero: settings.retention.is_zero(),
             pg_options: pg_options.clone(),
+            limit: settings.statement_timeout,
             through: 0,
             in_flight: None,
             task: None,
@@ -228,8 +234,11 @@ impl Marker {
     }
 
     async fn connect(&mut self) -> Result<(), sqlx::Error> {
-        let mut conn = open_session(&self.pg_options).await?;
-        let (pid, through): (i32, i64) = sqlx::query_as(MARKER_START).fetch_one(&mut conn).await?;
+        let mut conn = open_session(&self.pg_options, self.limit).await?;
+        let (pid, through): (i32, i64) = sqlx::query_as(MARKER_START)
+            .fetch_one(&mut conn)
+            .within(self.limit)
+            .await?;
         self.pid = pid;
         self.through = self.through.max(through);
         self.conn = Some(conn);
@@ -332,8 +341,9 @@ impl Marker {
             Mark::Rows(rows) => sqlx::query(MARK_ROWS).bind(rows.clone()),
         };
         self.in_flight = Some(mark);
+        let limit = self.limit;
         self.task = Some(tokio::spawn(async move {
-            let done = statement.execute(&mut conn).await;
+            let done = statement.execute(&mut conn).within(limit).await;
             (conn, done.map(|_| ()))
         }));
         Ok(())
@@ -342,7 +352,7 @@ impl Marker {
     /// Closes the marking connection.
     pub async fn close(mut self) {
         if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
+            let _ = conn.close().within(self.limit).await;
         }
     }
 }

@@ -3,6 +3,7 @@
 //! enough.
 
 use crate::relay::RelaySettings;
+use crate::support::pg::Within;
 use crate::support::sql::{OUTBOX, RELAY_PROGRESS};
 use const_format::formatcp;
 use sqlx::PgConnection;
@@ -71,19 +72,24 @@ impl Pruner {
     /// checked by their own time; the mark counts from when it last moved.
     pub async fn start(
         conn: &mut PgConnection,
-        retention: Duration,
+        settings: &RelaySettings,
     ) -> Result<Pruner, sqlx::Error> {
+        let (retention, limit) = (settings.retention, settings.statement_timeout);
         let mut pruner = Pruner::new(retention);
         if retention.is_zero() {
             return Ok(pruner);
         }
         let newest: Option<i64> = sqlx::query_scalar(NEWEST_PUBLISHED_ROW)
             .fetch_optional(&mut *conn)
+            .within(limit)
             .await?;
         if let Some(seq) = newest {
             pruner.prunable_up_to = seq;
         }
-        let (through, age): (i64, f64) = sqlx::query_as(MARK_AND_AGE).fetch_one(&mut *conn).await?;
+        let (through, age): (i64, f64) = sqlx::query_as(MARK_AND_AGE)
+            .fetch_one(&mut *conn)
+            .within(limit)
+            .await?;
         let age = Duration::try_from_secs_f64(age).unwrap_or(Duration::ZERO);
         let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         pruner.marks.push_back((at, through));
@@ -141,6 +147,7 @@ impl Pruner {
                 .bind(i64::from(settings.prune_batch))
                 .bind(self.aged_through.min(through))
                 .execute(&mut *conn)
+                .within(settings.statement_timeout)
                 .await?
                 .rows_affected();
             tracing::debug!(deleted, "relay pruned published events");

@@ -101,15 +101,24 @@ impl TailError {
 pub(super) struct TailRead {
     /// What the next batch chains to.
     pub tail: Tail,
-    /// Whether that message is not one of this service's events: another publisher
-    /// writes to the stream.
-    pub foreign: bool,
+    /// Whether that message may be another publisher's: it is not an event as the
+    /// relay publishes them (`Nats-Msg-Id` = `ce-id`, a UUID), or it is one from
+    /// another source (`ce-source`), whose id the leader then looks for in the outbox.
+    pub suspect: Option<Suspect>,
 }
 
-/// Reads the stream's last message, to chain the next batch to it. A message that is
-/// not one of this service's events (another publisher's: its `Nats-Msg-Id` is not a
-/// UUID, or its `ce-source` is not this service's) is named by its sequence, and so
-/// is one whose headers cannot be read (a client cannot parse them): chaining by
+/// Why the stream's last message may not be this relay's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Suspect {
+    /// It is not an event as the relay publishes them: another publisher's.
+    NotAnEvent,
+    /// An event from another source: this relay's only if the outbox has its id.
+    OtherSource(Uuid),
+}
+
+/// Reads the stream's last message, to chain the next batch to it. An event this
+/// relay published is named by its id; anything else by its sequence, and so is a
+/// message whose headers cannot be read (a client cannot parse them): chaining by
 /// sequence needs nothing of the message.
 pub(super) async fn read_tail(inner: &Inner) -> Result<TailRead, TailError> {
     let mut stream = inner
@@ -126,36 +135,37 @@ pub(super) async fn read_tail(inner: &Inner) -> Result<TailRead, TailError> {
     if last == 0 {
         return Ok(TailRead {
             tail: Tail::Empty,
-            foreign: false,
+            suspect: None,
         });
     }
-    let by_sequence = |foreign| TailRead {
+    let by_sequence = |suspect| TailRead {
         tail: Tail::Sequence(last),
-        foreign,
+        suspect,
     };
     match stream.get_raw_message(last).await {
         Ok(message) => {
             let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
             let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
+                .filter(|id| header(crate::wire::headers::ID).as_ref() == Some(id))
                 .and_then(|id| id.parse::<Uuid>().ok());
-            let ours = header(crate::wire::headers::SOURCE).as_deref()
+            let same_source = header(crate::wire::headers::SOURCE).as_deref()
                 == Some(inner.config.source.as_str());
             Ok(match id {
-                Some(id) if ours => TailRead {
+                Some(id) => TailRead {
                     tail: Tail::MsgId(id),
-                    foreign: false,
+                    suspect: (!same_source).then_some(Suspect::OtherSource(id)),
                 },
-                _ => by_sequence(true),
+                None => by_sequence(Some(Suspect::NotAnEvent)),
             })
         }
         Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-            Ok(by_sequence(false))
+            Ok(by_sequence(None))
         }
         Err(error) => {
             // Its headers may not parse (another publisher's bytes), or the read
             // failed: the sequence is known, and chaining by it is as safe.
             tracing::debug!(%error, sequence = last, "cannot read the stream's last message; chaining by its sequence");
-            Ok(by_sequence(false))
+            Ok(by_sequence(Some(Suspect::NotAnEvent)))
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::fence::Fence;
 use crate::relay::RelaySettings;
+use crate::support::pg::Within;
 use crate::support::sql::OUTBOX;
 use crate::wire::Outbound;
 use const_format::formatcp;
@@ -120,6 +121,7 @@ pub(super) async fn fetch(
         .bind(after)
         .bind(i64::from(settings.batch_bytes))
         .fetch_all(&mut *conn)
+        .within(settings.statement_timeout)
         .await?;
     rows.iter()
         .map(OutboxRow::from_row)

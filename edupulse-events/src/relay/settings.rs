@@ -36,6 +36,10 @@ pub struct RelaySettings {
     /// nothing published) before it lets go of the lead for a while, so that a replica
     /// that can reach NATS takes over. Zero: never. Default 30 s.
     pub yield_after: Duration,
+    /// How long one of the relay's own statements may take before its connection is
+    /// taken for dead and dropped: a connection that stalls without failing would
+    /// otherwise hang the relay. Keep it above the slowest batch read. Default 30 s.
+    pub statement_timeout: Duration,
 }
 
 impl Default for RelaySettings {
@@ -53,6 +57,7 @@ impl Default for RelaySettings {
             prune_interval: Duration::from_secs(10),
             order_wait_limit: Duration::from_secs(30),
             yield_after: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -84,6 +89,7 @@ impl RelaySettings {
             ("relay retry_base", self.retry_base, None),
             ("relay retry_max", self.retry_max, None),
             ("relay prune_interval", self.prune_interval, None),
+            ("relay statement_timeout", self.statement_timeout, None),
             ("relay retention", self.retention, Some("delete on publish")),
             (
                 "relay order_wait_limit",

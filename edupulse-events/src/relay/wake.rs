@@ -1,6 +1,7 @@
 //! Waking the leader: the idle flag that tells writers whether to notify at commit,
 //! and the LISTEN connection that turns their notifications into a wake-up.
 
+use crate::support::pg::Within;
 use crate::support::retry::AbortOnDrop;
 use crate::support::sql::{CHANNEL, RELAY_IDLE};
 use const_format::formatcp;
@@ -22,17 +23,20 @@ const SET_IDLE: &str = formatcp!("SELECT pg_catalog.setval('{RELAY_IDLE}', $1)")
 pub(super) struct Wake {
     notified: Arc<Notify>,
     idle: bool,
+    /// How long setting the flag may take (`statement_timeout`).
+    limit: Duration,
     _listener: AbortOnDrop<()>,
 }
 
 impl Wake {
     /// Starts listening; the flag is taken to say busy until [`Wake::set_idle`].
-    pub fn listen(pool: sqlx::PgPool) -> Wake {
+    pub fn listen(pool: sqlx::PgPool, limit: Duration) -> Wake {
         let notified = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(pool, notified.clone()));
         Wake {
             notified,
             idle: false,
+            limit,
             _listener: AbortOnDrop(listener),
         }
     }
@@ -51,6 +55,7 @@ impl Wake {
         sqlx::query(SET_IDLE)
             .bind(i64::from(idle))
             .execute(&mut *conn)
+            .within(self.limit)
             .await?;
         self.idle = idle;
         Ok(())

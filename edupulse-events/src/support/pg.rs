@@ -3,6 +3,8 @@
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
+use std::future::Future;
+use std::time::Duration;
 
 /// SQLSTATE codes the library reacts to.
 pub(crate) mod code {
@@ -64,13 +66,45 @@ SET tcp_keepalives_interval = 5;
 SET tcp_keepalives_count = 3;
 SET tcp_user_timeout = 25000;";
 
+/// A client-side deadline for a statement of the library's own: a connection that
+/// stalls (no reset, no answer) would otherwise hang its caller for ever, since the
+/// client sends no keepalives. Past the deadline the statement fails as an I/O error
+/// (the connection is then taken for dead and dropped).
+pub(crate) trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
+    /// This statement, failing with a timed-out I/O error after `limit`.
+    async fn within(self, limit: Duration) -> Result<T, sqlx::Error> {
+        match tokio::time::timeout(limit, self).await {
+            Ok(result) => result,
+            Err(_) => Err(stalled(limit)),
+        }
+    }
+}
+
+impl<T, F: Future<Output = Result<T, sqlx::Error>>> Within<T> for F {}
+
+/// The error of a statement that had no answer within `limit`.
+pub(crate) fn stalled(limit: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("Postgres did not answer within {limit:?}; the connection is taken for dead"),
+    ))
+}
+
 /// Opens a session the library holds a long time (the relay's leader and marker). A
 /// peer whose host vanishes sends no FIN: the set-up lets the server notice within
 /// about 25 s (not the kernel's two hours) and free what the session held, the
 /// leader's lock say. Ignored on a Unix socket; a failed set-up is logged, not fatal.
-pub(crate) async fn open_session(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
-    let mut conn = PgConnection::connect_with(options).await?;
-    if let Err(error) = sqlx::raw_sql(SESSION_SETUP).execute(&mut conn).await {
+/// Connecting and the set-up each take at most `limit`.
+pub(crate) async fn open_session(
+    options: &PgConnectOptions,
+    limit: Duration,
+) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(options).within(limit).await?;
+    if let Err(error) = sqlx::raw_sql(SESSION_SETUP)
+        .execute(&mut conn)
+        .within(limit)
+        .await
+    {
         tracing::warn!(%error, "could not set up a long-lived Postgres session");
     }
     Ok(conn)
@@ -91,5 +125,15 @@ mod tests {
         assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
         assert!(!is_undefined_table(&sqlx::Error::RowNotFound));
         assert!(!is_no_transaction(&sqlx::Error::PoolTimedOut));
+    }
+
+    #[tokio::test]
+    async fn a_statement_without_an_answer_fails_as_unavailable_at_its_deadline() {
+        let never = std::future::pending::<Result<(), sqlx::Error>>();
+        let error = never.within(Duration::from_millis(10)).await.unwrap_err();
+        assert!(is_unavailable(&error), "{error}");
+        assert!(error.to_string().contains("did not answer"), "{error}");
+        let quick = async { Ok::<_, sqlx::Error>(7) };
+        assert_eq!(quick.within(Duration::from_millis(10)).await.unwrap(), 7);
     }
 }
