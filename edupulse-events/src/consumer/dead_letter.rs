@@ -11,6 +11,10 @@ use crate::support::sql::DEAD_LETTERS;
 use crate::wire::headers;
 use async_nats::jetstream::{AckKind, Message};
 use const_format::formatcp;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -30,28 +34,75 @@ const LIST_DEAD_LETTERS: &str = formatcp!(
      FROM {DEAD_LETTERS} WHERE consumer_group = $1 ORDER BY id LIMIT $2"
 );
 
-/// Why a message goes to the dead-letter table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum DeadReason {
-    /// The handler failed on the last delivery.
+/// Why a message went to the dead-letter table, as [`DeadLetter::reason`] says.
+///
+/// Stored in the table as text ([`DeadReason::as_str`]); new reasons may be added, so
+/// a `match` needs a wildcard arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// The handler failed on every delivery, up to `max_deliveries`
+    /// (`handler_failed`).
     HandlerFailed,
-    /// The message lacks a header it needs, or its payload does not decode.
+    /// The message lacks a header the consumer needs (`ce-type`, a valid `ce-id`, a
+    /// numeric `ce-eventversion`), or its payload does not decode as the event type
+    /// (`undecodable`).
     Undecodable,
-    /// The group has no handler for the event name.
+    /// The group has no handler for the event name (`unknown_event`).
     UnknownEvent,
-    /// The group's handler takes another version of the event.
+    /// The group's handler takes another version of the event (`unknown_version`).
     UnknownVersion,
 }
 
 impl DeadReason {
-    /// The text the table stores.
-    fn as_str(self) -> &'static str {
+    /// Every reason, in declaration order.
+    const ALL: [DeadReason; 4] = [
+        DeadReason::HandlerFailed,
+        DeadReason::Undecodable,
+        DeadReason::UnknownEvent,
+        DeadReason::UnknownVersion,
+    ];
+
+    /// The text the dead-letter table stores: `handler_failed`, `undecodable`,
+    /// `unknown_event` or `unknown_version`.
+    pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::HandlerFailed => "handler_failed",
             DeadReason::Undecodable => "undecodable",
             DeadReason::UnknownEvent => "unknown_event",
             DeadReason::UnknownVersion => "unknown_version",
         }
+    }
+}
+
+impl fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DeadReason {
+    type Err = ParseDeadReasonError;
+
+    /// Reads the text the table stores (see [`DeadReason::as_str`]).
+    fn from_str(text: &str) -> Result<DeadReason, ParseDeadReasonError> {
+        DeadReason::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == text)
+            .ok_or_else(|| ParseDeadReasonError(text.to_owned()))
+    }
+}
+
+/// Text that names no [`DeadReason`]: a record written by a newer version of the
+/// library, say.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dead-letter reason {0:?}; this version of edupulse-events knows handler_failed, undecodable, unknown_event and unknown_version")]
+pub struct ParseDeadReasonError(String);
+
+impl ParseDeadReasonError {
+    /// The text that was read.
+    pub fn text(&self) -> &str {
+        &self.0
     }
 }
 
@@ -157,15 +208,15 @@ async fn write(
 
 /// A message a consumer group could not handle, as [`EventService::dead_letters`]
 /// lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadLetter {
     /// The record's id.
     pub id: i64,
     /// The consumer group.
     pub consumer_group: String,
-    /// `handler_failed`, `undecodable`, `unknown_event` or `unknown_version`.
-    pub reason: String,
+    /// Why it was given up on.
+    pub reason: DeadReason,
     /// What went wrong.
     pub error: String,
     /// The event id, when the message had a valid one.
@@ -182,6 +233,48 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
 }
 
+/// Shows the payload as text when it is UTF-8 (JSON, normally), else its size.
+impl fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("id", &self.id)
+            .field("consumer_group", &self.consumer_group)
+            .field("reason", &self.reason)
+            .field("error", &self.error)
+            .field("event_id", &self.event_id)
+            .field("event_name", &self.event_name)
+            .field("subject", &self.subject)
+            .field("stream_sequence", &self.stream_sequence)
+            .field("deliveries", &self.deliveries)
+            .field("payload", &Payload(&self.payload))
+            .finish()
+    }
+}
+
+/// A payload in [`DeadLetter`]'s `Debug`.
+struct Payload<'a>(&'a [u8]);
+
+impl fmt::Debug for Payload<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(self.0) {
+            Ok(text) => fmt::Debug::fmt(text, f),
+            Err(_) => write!(f, "<{} bytes, not UTF-8>", self.0.len()),
+        }
+    }
+}
+
+/// Reads a stored reason. A text this version does not know (a newer version of the
+/// library wrote it, sharing the database) is a decode error of the column, which
+/// names the text, rather than a guess: the listing fails, clearly, instead of
+/// mislabelling a record, and [`DeadReason`] stays a plain `Copy` enum.
+fn reason_of(row: &PgRow) -> Result<DeadReason, sqlx::Error> {
+    let text: String = row.try_get("reason")?;
+    text.parse().map_err(|error| sqlx::Error::ColumnDecode {
+        index: "reason".to_owned(),
+        source: Box::new(error),
+    })
+}
+
 impl EventService {
     /// Lists the dead letters of `group`, oldest first, at most `limit`.
     ///
@@ -192,7 +285,6 @@ impl EventService {
         group: &str,
         limit: i64,
     ) -> Result<Vec<DeadLetter>, sqlx::Error> {
-        use sqlx::Row;
         let rows = sqlx::query(LIST_DEAD_LETTERS)
             .bind(group)
             .bind(limit)
@@ -203,7 +295,7 @@ impl EventService {
                 Ok(DeadLetter {
                     id: row.try_get("id")?,
                     consumer_group: row.try_get("consumer_group")?,
-                    reason: row.try_get("reason")?,
+                    reason: reason_of(row)?,
                     error: row.try_get("error")?,
                     event_id: row.try_get("event_id")?,
                     event_name: row.try_get("event_name")?,
@@ -214,5 +306,58 @@ impl EventService {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_through_their_stored_text() {
+        let stored = [
+            "handler_failed",
+            "undecodable",
+            "unknown_event",
+            "unknown_version",
+        ];
+        for (reason, text) in DeadReason::ALL.into_iter().zip(stored) {
+            assert_eq!(reason.as_str(), text);
+            assert_eq!(reason.to_string(), text);
+            assert_eq!(text.parse::<DeadReason>(), Ok(reason));
+        }
+    }
+
+    #[test]
+    fn unknown_reason_text_is_an_error_that_names_it() {
+        let error = "poison_pill".parse::<DeadReason>().unwrap_err();
+        assert_eq!(error.text(), "poison_pill");
+        assert!(error.to_string().contains("\"poison_pill\""), "{error}");
+        assert!("Handler_Failed".parse::<DeadReason>().is_err());
+        assert!("".parse::<DeadReason>().is_err());
+    }
+
+    fn letter(payload: &[u8]) -> DeadLetter {
+        DeadLetter {
+            id: 7,
+            consumer_group: "grading".to_owned(),
+            reason: DeadReason::Undecodable,
+            error: "bad".to_owned(),
+            event_id: None,
+            event_name: Some("lesson.published".to_owned()),
+            subject: "edupulse.lesson.published".to_owned(),
+            stream_sequence: 3,
+            deliveries: 1,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn debug_shows_a_utf8_payload_as_text_and_another_by_its_size() {
+        let text = format!("{:?}", letter(br#"{"lesson_id":7}"#));
+        assert!(text.contains(r#"payload: "{\"lesson_id\":7}""#), "{text}");
+        assert!(text.contains("reason: Undecodable"), "{text}");
+        let binary = format!("{:?}", letter(&[0xff, 0xfe, 0x00]));
+        assert!(binary.contains("payload: <3 bytes, not UTF-8>"), "{binary}");
     }
 }

@@ -50,7 +50,7 @@ mod route;
 mod settings;
 
 pub use builder::ConsumerBuilder;
-pub use dead_letter::DeadLetter;
+pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError};
 pub use envelope::{Envelope, HandlerError, Received};
 pub use settings::{ConsumerSettings, StartFrom};
 
