@@ -299,7 +299,7 @@ async fn dying_after_commit_before_ack_still_applies_the_effect_once() {
             .start()
     };
     let doomed = start(&service).await.unwrap();
-    doomed.__crash_after_commit();
+    doomed.crash_after_commit();
     let id = service
         .emit(LessonPublished { lesson_id: 9 })
         .await
@@ -558,7 +558,7 @@ async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
         pause.blocked.load(Ordering::SeqCst) >= 1
     })
     .await;
-    first.__begin_shutdown();
+    first.begin_shutdown();
     pause.release();
     first.shutdown().await.unwrap();
     let inbox = count(&service, "SELECT count(*) FROM edupulse.inbox").await;
@@ -712,7 +712,7 @@ async fn start_and_kill_holding(
             .await
             .unwrap()
     };
-    doomed.__crash_after_commit();
+    doomed.crash_after_commit();
     emit.await;
     wait_for(
         WAIT,

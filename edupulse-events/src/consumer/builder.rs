@@ -159,6 +159,7 @@ impl ConsumerBuilder {
             routes,
             settings,
             stats: stats.clone(),
+            #[cfg(feature = "test-hooks")]
             crash: tokio::sync::Notify::new(),
             queued: Mutex::new(BTreeSet::new()),
         });

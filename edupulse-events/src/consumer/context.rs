@@ -7,11 +7,13 @@ use super::settings::ConsumerSettings;
 use crate::service::Inner;
 use async_nats::jetstream::{AckKind, Message};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+#[cfg(feature = "test-hooks")]
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The counters a [`ConsumerHandle`](super::ConsumerHandle) reports, and the crash
-/// switch of the tests.
+/// The counters a [`ConsumerHandle`](super::ConsumerHandle) reports, and (with the
+/// `test-hooks` feature) the crash switch of the integration tests.
 #[derive(Debug, Default)]
 pub(super) struct Stats {
     /// Events handled successfully.
@@ -21,8 +23,10 @@ pub(super) struct Stats {
     /// Messages recorded in the dead-letter table.
     pub dead_lettered: AtomicU64,
     /// Test hook: the next `on_tx` event is committed, then the instance "dies".
+    #[cfg(feature = "test-hooks")]
     pub crash_before_ack: AtomicBool,
     /// Test hook: the instance has "died"; it acks and naks nothing from then on.
+    #[cfg(feature = "test-hooks")]
     pub crashed: AtomicBool,
 }
 
@@ -31,6 +35,7 @@ pub(super) struct Ctx {
     /// The service's connections and configuration.
     pub inner: Arc<Inner>,
     /// Wakes the fetch loop when a simulated crash happens.
+    #[cfg(feature = "test-hooks")]
     pub crash: tokio::sync::Notify,
     /// The group's name (its durable consumer's name).
     pub group: String,
@@ -48,8 +53,34 @@ pub(super) struct Ctx {
 
 impl Ctx {
     /// Whether a simulated crash has happened: the instance then acks and naks nothing.
+    /// Always false without the `test-hooks` feature, so the checks compile away.
+    #[inline]
     pub fn crashed(&self) -> bool {
-        self.stats.crashed.load(Ordering::SeqCst)
+        #[cfg(feature = "test-hooks")]
+        return self.stats.crashed.load(Ordering::SeqCst);
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+
+    /// Completes when a simulated crash happens; never without the `test-hooks`
+    /// feature.
+    pub async fn crash_notified(&self) {
+        #[cfg(feature = "test-hooks")]
+        self.crash.notified().await;
+        #[cfg(not(feature = "test-hooks"))]
+        std::future::pending::<()>().await;
+    }
+
+    /// Test hook, after an `on_tx` commit: if the crash switch is on, "dies" now (the
+    /// lanes and the fetch loop see it) and returns true.
+    #[cfg(feature = "test-hooks")]
+    pub fn crash_if_asked(&self) -> bool {
+        if !self.stats.crash_before_ack.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.stats.crashed.store(true, Ordering::SeqCst);
+        self.crash.notify_one();
+        true
     }
 
     /// Notes that `message` waits in a lane's queue.

@@ -173,7 +173,7 @@ impl Fetcher {
                 None => Woke::Restart,
             },
             _ = self.stop.changed() => Woke::Stop,
-            _ = self.ctx.crash.notified() => Woke::Stop,
+            _ = self.ctx.crash_notified() => Woke::Stop,
             _ = pull.poll.tick(), if self.gate.catching_up() => {
                 self.read_floor().await;
                 Woke::Tick

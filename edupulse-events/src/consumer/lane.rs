@@ -165,6 +165,7 @@ enum Step {
     /// Ack the message: done.
     Ack,
     /// Nothing more: the instance "died" (a simulated crash).
+    #[cfg(feature = "test-hooks")]
     Abandon,
     /// Postgres could not be reached: wait and try again, without counting a delivery.
     WaitOutage(String),
@@ -179,6 +180,7 @@ impl Outcome {
     fn step(self, attempt: u32, max_deliveries: u32) -> Step {
         match self {
             Outcome::Handled | Outcome::Duplicate => Step::Ack,
+            #[cfg(feature = "test-hooks")]
             Outcome::Crashed => Step::Abandon,
             Outcome::Unavailable(why) => Step::WaitOutage(why),
             Outcome::Failed(why) if attempt >= max_deliveries => Step::GiveUp(why),
@@ -210,6 +212,7 @@ impl Delivery<'_> {
                     ack(self.message).await;
                     true
                 }
+                #[cfg(feature = "test-hooks")]
                 Step::Abandon => true,
                 Step::WaitOutage(why) => self.wait_outage(&why).await,
                 Step::Retry(why) => self.retry(&why).await,
@@ -363,6 +366,7 @@ enum Outcome {
     /// without counting toward `max_deliveries`.
     Unavailable(String),
     /// The instance "died" after the commit (a simulated crash).
+    #[cfg(feature = "test-hooks")]
     Crashed,
 }
 
@@ -421,9 +425,8 @@ async fn handle_tx(
         // If the commit did happen, the retry finds the event in the inbox.
         return framework_failure("cannot commit the handler's transaction", &error);
     }
-    if ctx.stats.crash_before_ack.load(Ordering::SeqCst) {
-        ctx.stats.crashed.store(true, Ordering::SeqCst);
-        ctx.crash.notify_one();
+    #[cfg(feature = "test-hooks")]
+    if ctx.crash_if_asked() {
         return Outcome::Crashed;
     }
     Outcome::Handled

@@ -131,21 +131,25 @@ impl ConsumerHandle {
         self.stats.dead_lettered.load(Ordering::SeqCst)
     }
 
-    /// Test hook: the next `on_tx` event is committed, then the instance stops without
-    /// acking or naking anything, as if its process died there.
-    #[doc(hidden)]
-    pub fn __crash_after_commit(&self) {
+    /// **Test only** (the `test-hooks` feature, never enabled in a service): the next
+    /// `on_tx` event is committed, then the instance stops without acking or naking
+    /// anything, as if its process died there.
+    #[cfg(feature = "test-hooks")]
+    pub fn crash_after_commit(&self) {
         self.stats.crash_before_ack.store(true, Ordering::SeqCst);
     }
 
-    /// Test hook: tells the instance to stop (as [`ConsumerHandle::shutdown`] does)
-    /// without waiting; `shutdown` still waits for it.
-    #[doc(hidden)]
-    pub fn __begin_shutdown(&self) {
+    /// Tells the instance to stop, as [`ConsumerHandle::shutdown`] does, without
+    /// waiting for it: it stops fetching at once, and its handlers in flight finish.
+    /// Useful to stop several instances together; `shutdown` still waits for this one
+    /// (and reports a panic). Calling it again, or after the instance has stopped, does
+    /// nothing.
+    pub fn begin_shutdown(&self) {
         let _ = self.stop.send(true);
     }
 
-    /// Whether the instance has stopped (after a shutdown or a simulated crash).
+    /// Whether the instance has stopped (after a shutdown, or a simulated crash in the
+    /// tests).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
