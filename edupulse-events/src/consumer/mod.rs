@@ -60,6 +60,28 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// What kind of failure a [`ConsumerError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConsumerErrorKind {
+    /// The group name cannot be a JetStream durable name.
+    InvalidGroup,
+    /// No handler was registered.
+    NoHandlers,
+    /// Two handlers were registered for one event type.
+    DuplicateHandler,
+    /// A setting is out of range.
+    Settings,
+    /// The inbox tables do not exist: the database is not migrated.
+    NotMigrated,
+    /// Postgres failed.
+    Database,
+    /// JetStream refused the durable consumer.
+    JetStream,
+    /// The consumer task panicked.
+    Panicked,
+}
+
 /// A consumer group could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -105,6 +127,22 @@ pub enum ConsumerError {
     /// The consumer task panicked.
     #[error("the consumer task panicked: {0}")]
     Panicked(String),
+}
+
+impl ConsumerError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ConsumerErrorKind {
+        match self {
+            ConsumerError::InvalidGroup(_) => ConsumerErrorKind::InvalidGroup,
+            ConsumerError::NoHandlers(_) => ConsumerErrorKind::NoHandlers,
+            ConsumerError::DuplicateHandler { .. } => ConsumerErrorKind::DuplicateHandler,
+            ConsumerError::Settings(_) => ConsumerErrorKind::Settings,
+            ConsumerError::NotMigrated => ConsumerErrorKind::NotMigrated,
+            ConsumerError::Database(_) => ConsumerErrorKind::Database,
+            ConsumerError::JetStream { .. } => ConsumerErrorKind::JetStream,
+            ConsumerError::Panicked(_) => ConsumerErrorKind::Panicked,
+        }
+    }
 }
 
 /// A running consumer group instance; stop it with [`ConsumerHandle::shutdown`].
@@ -164,5 +202,63 @@ impl ConsumerHandle {
         self.task
             .await
             .map_err(|e| ConsumerError::Panicked(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_kind() {
+        let cases = [
+            (
+                ConsumerError::InvalidGroup("a b".into()),
+                ConsumerErrorKind::InvalidGroup,
+            ),
+            (
+                ConsumerError::NoHandlers("g".into()),
+                ConsumerErrorKind::NoHandlers,
+            ),
+            (
+                ConsumerError::DuplicateHandler {
+                    group: "g".into(),
+                    event: "e",
+                },
+                ConsumerErrorKind::DuplicateHandler,
+            ),
+            (
+                ConsumerError::Settings("x".into()),
+                ConsumerErrorKind::Settings,
+            ),
+            (ConsumerError::NotMigrated, ConsumerErrorKind::NotMigrated),
+            (
+                ConsumerError::Database(sqlx::Error::PoolTimedOut),
+                ConsumerErrorKind::Database,
+            ),
+            (
+                ConsumerError::JetStream {
+                    group: "g".into(),
+                    stream: "s".into(),
+                    reason: "r".into(),
+                },
+                ConsumerErrorKind::JetStream,
+            ),
+            (
+                ConsumerError::Panicked("p".into()),
+                ConsumerErrorKind::Panicked,
+            ),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_not_migrated_message_names_the_inbox_table() {
+        assert_eq!(
+            ConsumerError::NotMigrated.to_string(),
+            "the inbox table edupulse.inbox does not exist; call EventService::migrate() at start-up"
+        );
     }
 }
