@@ -256,3 +256,105 @@ fn version_at_least(version: &str, major: u32, minor: u32) -> bool {
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     found >= (major, minor)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    use std::time::Duration;
+
+    fn filters(filters: &[&str]) -> Vec<String> {
+        filters.iter().map(|f| (*f).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_group_name_is_a_durable_name() {
+        for good in ["grading", "a", "Grade_2-b", &"x".repeat(MAX_GROUP_LEN)] {
+            assert!(check_group(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a.b",
+            "a*",
+            "a>",
+            "é",
+            &"x".repeat(MAX_GROUP_LEN + 1),
+        ] {
+            assert!(
+                matches!(check_group(bad), Err(ConsumerError::InvalidGroup(g)) if g == bad),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_durable_consumer_takes_the_settings() {
+        let settings = ConsumerSettings {
+            concurrency: 2,
+            fetch_batch: 10,
+            ack_wait: Duration::from_secs(7),
+            start_from: crate::StartFrom::New,
+            ..ConsumerSettings::default()
+        };
+        let config = consumer_config("grading", &settings, "p", &filters(&["a.b"]), true);
+        assert_eq!(config.durable_name.as_deref(), Some("grading"));
+        assert_eq!(
+            config.description.as_deref(),
+            Some("edupulse-events consumer group grading")
+        );
+        assert_eq!(config.ack_policy, AckPolicy::Explicit);
+        assert_eq!(config.ack_wait, Duration::from_secs(7));
+        assert_eq!(config.max_deliver, -1);
+        assert_eq!(config.max_ack_pending, 40);
+        assert_eq!(config.deliver_policy, DeliverPolicy::New);
+    }
+
+    #[test]
+    fn one_filter_is_the_filter_subject() {
+        for multi_filter in [true, false] {
+            let config = consumer_config(
+                "g",
+                &ConsumerSettings::default(),
+                "p",
+                &filters(&["quiz.*.submitted"]),
+                multi_filter,
+            );
+            assert_eq!(config.filter_subject, "p.quiz.*.submitted");
+            assert!(config.filter_subjects.is_empty());
+        }
+    }
+
+    #[test]
+    fn several_filters_need_a_new_server_and_no_overlap_else_the_prefix() {
+        let settings = ConsumerSettings::default();
+        let apart = filters(&["lesson.published", "quiz.*.submitted"]);
+        let config = consumer_config("g", &settings, "p", &apart, true);
+        assert_eq!(config.filter_subject, "");
+        assert_eq!(
+            config.filter_subjects,
+            ["p.lesson.published", "p.quiz.*.submitted"]
+        );
+
+        let old_server = consumer_config("g", &settings, "p", &apart, false);
+        assert_eq!(old_server.filter_subject, "p.>");
+        assert!(old_server.filter_subjects.is_empty());
+
+        let overlapping = filters(&["quiz.*.submitted", "quiz.q1.*"]);
+        let config = consumer_config("g", &settings, "p", &overlapping, true);
+        assert_eq!(config.filter_subject, "p.>");
+        assert!(config.filter_subjects.is_empty());
+    }
+
+    #[test]
+    fn server_versions_compare_by_major_and_minor() {
+        assert!(version_at_least("2.10.0", 2, 10));
+        assert!(version_at_least("2.10.22", 2, 10));
+        assert!(version_at_least("2.11.0-beta.1", 2, 10));
+        assert!(version_at_least("3.0.0", 2, 10));
+        assert!(!version_at_least("2.9.25", 2, 10));
+        assert!(!version_at_least("2.1", 2, 10));
+        assert!(!version_at_least("", 2, 10));
+        assert!(!version_at_least("v2.10.0", 2, 10));
+    }
+}

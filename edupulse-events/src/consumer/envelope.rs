@@ -177,3 +177,165 @@ fn envelope_of(
         stream_sequence: delivered.sequence,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::route::tests::route;
+
+    const PREFIX: &str = "edupulse";
+    const DELIVERED: Delivered = Delivered {
+        count: 3,
+        sequence: 42,
+    };
+
+    fn routes() -> Routes {
+        Routes::new(
+            "grading",
+            vec![
+                route("quiz.submitted", 2, "quiz.*.submitted"),
+                route("lesson.published", 1, "lesson.published"),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn message(subject: &str, headers: &[(&str, &str)]) -> async_nats::Message {
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: bytes::Bytes::new(),
+            headers: (!headers.is_empty()).then_some(map),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    /// The reason and text of a message the group cannot handle; panics otherwise.
+    fn dead(message: &async_nats::Message) -> (DeadReason, String) {
+        match parse(&routes(), "grading", PREFIX, message, DELIVERED) {
+            Parsed::Dead(reason, why) => (reason, why),
+            Parsed::NotOurs => panic!("not ours"),
+            Parsed::Event(route, _) => panic!("an event for {}", route.name),
+        }
+    }
+
+    #[test]
+    fn a_full_message_gives_its_route_and_envelope() {
+        let id = Uuid::now_v7();
+        let correlation = Uuid::now_v7();
+        let id_text = id.to_string();
+        let correlation_text = correlation.to_string();
+        let message = message(
+            "edupulse.quiz.q7.submitted",
+            &[
+                (headers::TYPE, "quiz.submitted"),
+                (headers::ID, &id_text),
+                (headers::VERSION, "2"),
+                (headers::SOURCE, "quizzes"),
+                (headers::TIME, "2026-01-02T03:04:05Z"),
+                (headers::CORRELATION_ID, &correlation_text),
+                (headers::CAUSATION_ID, "not a uuid"),
+            ],
+        );
+        let routes = routes();
+        let Parsed::Event(route, envelope) = parse(&routes, "grading", PREFIX, &message, DELIVERED)
+        else {
+            panic!("not an event");
+        };
+        assert_eq!(route.name, "quiz.submitted");
+        assert_eq!(envelope.id, id);
+        assert_eq!(envelope.name, "quiz.submitted");
+        assert_eq!(envelope.version, 2);
+        assert_eq!(envelope.source, "quizzes");
+        assert_eq!(
+            envelope.time,
+            OffsetDateTime::parse("2026-01-02T03:04:05Z", &Rfc3339).unwrap()
+        );
+        assert_eq!(envelope.subject, "edupulse.quiz.q7.submitted");
+        assert_eq!(envelope.correlation_id, Some(correlation));
+        assert_eq!(envelope.causation_id, None);
+        assert_eq!(envelope.attempt, 3);
+        assert_eq!(envelope.stream_sequence, 42);
+    }
+
+    #[test]
+    fn a_missing_version_header_means_version_1() {
+        let id = Uuid::now_v7().to_string();
+        let message = message(
+            "edupulse.lesson.published",
+            &[(headers::TYPE, "lesson.published"), (headers::ID, &id)],
+        );
+        let routes = routes();
+        let Parsed::Event(_, envelope) = parse(&routes, "grading", PREFIX, &message, DELIVERED)
+        else {
+            panic!("not an event");
+        };
+        assert_eq!(envelope.version, 1);
+        assert_eq!(envelope.source, "");
+    }
+
+    #[test]
+    fn a_subject_outside_the_filters_is_not_ours() {
+        for subject in ["edupulse.lesson.deleted", "other.lesson.published"] {
+            let message = message(subject, &[(headers::TYPE, "lesson.published")]);
+            assert!(matches!(
+                parse(&routes(), "grading", PREFIX, &message, DELIVERED),
+                Parsed::NotOurs
+            ));
+        }
+    }
+
+    #[test]
+    fn each_flaw_has_its_dead_reason() {
+        let id = Uuid::now_v7().to_string();
+        let subject = "edupulse.lesson.published";
+        let (reason, why) = dead(&message(subject, &[]));
+        assert_eq!(reason, DeadReason::Undecodable);
+        assert!(why.contains("ce-type"), "{why}");
+
+        let (reason, why) = dead(&message(subject, &[(headers::TYPE, "lesson.deleted")]));
+        assert_eq!(reason, DeadReason::UnknownEvent);
+        assert!(
+            why.contains("`grading`") && why.contains("`lesson.deleted`"),
+            "{why}"
+        );
+
+        let (reason, why) = dead(&message(
+            subject,
+            &[(headers::TYPE, "lesson.published"), (headers::ID, "seven")],
+        ));
+        assert_eq!(reason, DeadReason::Undecodable);
+        assert!(why.contains("ce-id"), "{why}");
+
+        let (reason, why) = dead(&message(
+            subject,
+            &[
+                (headers::TYPE, "lesson.published"),
+                (headers::ID, &id),
+                (headers::VERSION, "two"),
+            ],
+        ));
+        assert_eq!(reason, DeadReason::Undecodable);
+        assert!(why.contains("ce-eventversion"), "{why}");
+
+        let (reason, why) = dead(&message(
+            subject,
+            &[
+                (headers::TYPE, "lesson.published"),
+                (headers::ID, &id),
+                (headers::VERSION, "99"),
+            ],
+        ));
+        assert_eq!(reason, DeadReason::UnknownVersion);
+        assert!(
+            why.contains("version 99") && why.contains("version 1"),
+            "{why}"
+        );
+    }
+}

@@ -175,3 +175,197 @@ impl Gate {
         std::mem::take(&mut self.held).into_values()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The gate's messages are real JetStream messages whose reply subjects carry their
+    //! stream sequence; their context is a client that never connects (nothing here
+    //! acks), so no server is needed.
+
+    use super::*;
+    use async_nats::jetstream::Context;
+
+    async fn context() -> Context {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+    }
+
+    /// A message at stream sequence `sequence`, first delivery.
+    fn message(context: &Context, sequence: u64) -> Message {
+        Message {
+            message: async_nats::Message {
+                subject: "p.quiz.q1.submitted".into(),
+                reply: Some(
+                    format!("$JS.ACK.s.g.1.{sequence}.{sequence}.1700000000000000000.0").into(),
+                ),
+                payload: bytes::Bytes::new(),
+                headers: None,
+                status: None,
+                description: None,
+                length: 0,
+            },
+            context: context.clone(),
+        }
+    }
+
+    fn sequence(message: &Message) -> u64 {
+        message.info().unwrap().stream_sequence
+    }
+
+    /// The group's state as the server reports it.
+    fn info(delivered: u64, ack_floor: u64, ack_pending: usize) -> consumer::Info {
+        serde_json::from_value(serde_json::json!({
+            "stream_name": "s",
+            "name": "g",
+            "created": "2026-01-01T00:00:00Z",
+            "config": serde_json::to_value(consumer::Config::default()).unwrap(),
+            "delivered": {"consumer_seq": delivered, "stream_seq": delivered},
+            "ack_floor": {"consumer_seq": ack_floor, "stream_seq": ack_floor},
+            "num_ack_pending": ack_pending,
+            "num_redelivered": 0,
+            "num_waiting": 0,
+            "num_pending": 0,
+        }))
+        .unwrap()
+    }
+
+    const ACK_WAIT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn catching_up_lasts_ack_wait_and_a_bounded_margin() {
+        assert_eq!(
+            catch_up_limit(Duration::from_secs(30)),
+            Duration::from_secs(35)
+        );
+        assert_eq!(
+            catch_up_limit(Duration::from_secs(2)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            catch_up_limit(Duration::from_millis(200)),
+            Duration::from_millis(700)
+        );
+    }
+
+    #[test]
+    fn the_ack_floor_is_the_delivered_sequence_when_nothing_awaits_an_ack() {
+        assert_eq!(acked_through(&info(10, 4, 6)), 4);
+        assert_eq!(acked_through(&info(10, 0, 0)), 10);
+    }
+
+    #[tokio::test]
+    async fn a_group_with_everything_acked_lets_messages_through() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 0, 0)), ACK_WAIT);
+        assert!(!gate.catching_up());
+        let passed = gate.admit(message(&context, 11)).unwrap();
+        assert_eq!(sequence(&passed), 11);
+        assert!(gate.next_release().is_none());
+    }
+
+    #[tokio::test]
+    async fn without_the_groups_state_the_gate_holds_everything_until_the_limit() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(None, ACK_WAIT);
+        assert!(gate.catching_up());
+        assert!(gate.admit(message(&context, 1)).is_none());
+        assert!(gate.admit(message(&context, 3)).is_none());
+        // 1 follows the floor, 0; 2 is missing.
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(1));
+        assert!(gate.next_release().is_none());
+        gate.deadline = Some(Instant::now());
+        gate.check_done();
+        assert!(!gate.catching_up());
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(3));
+    }
+
+    #[tokio::test]
+    async fn held_messages_go_in_stream_order_as_the_floor_rises() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        assert!(gate.catching_up());
+        // At or below the floor: a late copy, handled as any.
+        assert_eq!(
+            gate.admit(message(&context, 3)).map(|m| sequence(&m)),
+            Some(3)
+        );
+        for held in [8, 6, 7] {
+            assert!(gate.admit(message(&context, held)).is_none(), "{held}");
+        }
+        // A newer delivery of a held message replaces it.
+        assert!(gate.admit(message(&context, 7)).is_none());
+        assert_eq!(gate.held.len(), 3);
+        // 5 is neither acked nor here: nothing may go.
+        assert!(gate.next_release().is_none());
+        gate.observe_floor(5);
+        let released: Vec<u64> = std::iter::from_fn(|| gate.next_release())
+            .map(|m| sequence(&m))
+            .collect();
+        assert_eq!(released, [6, 7, 8]);
+        assert!(gate.catching_up(), "9 and 10 are still out");
+        // A message after the mark waits for them too.
+        assert!(gate.admit(message(&context, 12)).is_none());
+        gate.observe_floor(10);
+        assert!(!gate.catching_up());
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(12));
+        assert!(gate.next_release().is_none());
+        assert_eq!(
+            gate.admit(message(&context, 13)).map(|m| sequence(&m)),
+            Some(13)
+        );
+    }
+
+    #[tokio::test]
+    async fn at_the_deadline_held_messages_are_released_in_stream_order_despite_gaps() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        for held in [9, 6, 12] {
+            assert!(gate.admit(message(&context, held)).is_none());
+        }
+        gate.deadline = Some(Instant::now());
+        gate.check_done();
+        assert!(!gate.catching_up());
+        let released: Vec<u64> = std::iter::from_fn(|| gate.next_release())
+            .map(|m| sequence(&m))
+            .collect();
+        assert_eq!(released, [6, 9, 12]);
+    }
+
+    #[tokio::test]
+    async fn a_restart_while_catching_up_extends_the_limit_only_for_new_deliveries() {
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        let soon = Instant::now() + Duration::from_secs(1);
+        gate.deadline = Some(soon);
+        // Nothing more delivered: the limit runs on.
+        gate.arm(Some(&info(10, 5, 5)), ACK_WAIT);
+        assert_eq!(gate.deadline, Some(soon));
+        assert_eq!(gate.through, 5);
+        // More delivered meanwhile: a new limit, and the mark moves up.
+        gate.arm(Some(&info(14, 5, 9)), ACK_WAIT);
+        assert!(gate.deadline.unwrap() > soon + Duration::from_secs(30));
+        assert_eq!(gate.mark, 14);
+        assert_eq!(gate.through, 5);
+    }
+
+    #[tokio::test]
+    async fn taking_the_held_messages_empties_the_gate() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(None, ACK_WAIT);
+        for held in [5, 3] {
+            assert!(gate.admit(message(&context, held)).is_none());
+        }
+        let taken: Vec<u64> = gate.take_held().map(|m| sequence(&m)).collect();
+        assert_eq!(taken, [3, 5]);
+        assert!(gate.held.is_empty());
+    }
+}

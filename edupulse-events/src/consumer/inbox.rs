@@ -106,3 +106,38 @@ fn oldest_kept(now: std::time::SystemTime, retention: Duration) -> Uuid {
     let millis = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
     uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn statements_name_the_inbox_table() {
+        assert_eq!(CHECK_INBOX, "SELECT 1 FROM edupulse.inbox LIMIT 0");
+        assert!(INSERT_INBOX.starts_with("INSERT INTO edupulse.inbox "));
+        assert!(PRUNE_INBOX.contains("SELECT event_id FROM edupulse.inbox"));
+        assert!(PRUNE_INBOX.ends_with("LIMIT 1000)"), "{PRUNE_INBOX}");
+    }
+
+    #[test]
+    fn the_prune_bound_is_the_first_v7_id_of_the_cutoff_millisecond() {
+        let now = UNIX_EPOCH + Duration::from_millis(10_000_123);
+        let bound = oldest_kept(now, Duration::from_millis(123));
+        assert_eq!(bound.get_version_num(), 7);
+        let (secs, nanos) = bound.get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos), (10_000, 0));
+        // An id of the cutoff millisecond is kept; one of the millisecond before is not.
+        let at = uuid::Builder::from_unix_timestamp_millis(10_000_000, &[0; 10]).into_uuid();
+        let before = uuid::Builder::from_unix_timestamp_millis(9_999_999, &[0xff; 10]).into_uuid();
+        assert!(at >= bound);
+        assert!(before < bound);
+    }
+
+    #[test]
+    fn a_retention_longer_than_the_epoch_prunes_nothing() {
+        let bound = oldest_kept(SystemTime::now(), Duration::from_secs(u64::MAX));
+        let (secs, nanos) = bound.get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos), (0, 0));
+    }
+}

@@ -431,3 +431,79 @@ async fn handle_tx(
     }
     Outcome::Handled
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_always_gets_the_same_lane_in_range() {
+        let subjects: Vec<String> = (0..500).map(|i| format!("p.quiz.q{i}.submitted")).collect();
+        for lanes in [1, 2, 3, 8, 1024] {
+            for subject in &subjects {
+                let lane = lane_of(subject, lanes);
+                assert!(lane < lanes, "{subject}: {lane} of {lanes}");
+                assert_eq!(lane_of(subject, lanes), lane, "{subject}");
+                assert_eq!(lane_of(&subject.clone(), lanes), lane, "{subject}");
+            }
+        }
+        assert_eq!(lane_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn subjects_spread_over_every_lane() {
+        let lanes = 8;
+        let mut load = vec![0usize; lanes];
+        for i in 0..800 {
+            load[lane_of(&format!("p.quiz.q{i}.submitted"), lanes)] += 1;
+        }
+        // 100 each on average; a lane with under a third of that is a broken spread.
+        assert!(load.iter().all(|&n| n > 33), "{load:?}");
+    }
+
+    #[test]
+    fn an_unreachable_postgres_is_an_outage_and_other_errors_a_failure() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        for error in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed, io] {
+            let outcome = framework_failure("cannot begin a transaction", &error);
+            assert_eq!(
+                outcome,
+                Outcome::Unavailable(format!("cannot begin a transaction: {error}"))
+            );
+        }
+        for error in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+        ] {
+            let outcome = framework_failure("cannot commit", &error);
+            assert_eq!(outcome, Outcome::Failed(format!("cannot commit: {error}")));
+        }
+    }
+
+    #[test]
+    fn only_handler_failures_count_toward_max_deliveries() {
+        assert_eq!(Outcome::Handled.step(1, 5), Step::Ack);
+        assert_eq!(Outcome::Duplicate.step(9, 5), Step::Ack);
+        assert_eq!(
+            Outcome::Failed("x".into()).step(4, 5),
+            Step::Retry("x".into())
+        );
+        assert_eq!(
+            Outcome::Failed("x".into()).step(5, 5),
+            Step::GiveUp("x".into())
+        );
+        assert_eq!(
+            Outcome::Failed("x".into()).step(6, 5),
+            Step::GiveUp("x".into())
+        );
+        // An outage never gives up, even past the last delivery.
+        assert_eq!(
+            Outcome::Unavailable("down".into()).step(5, 5),
+            Step::WaitOutage("down".into())
+        );
+        assert_eq!(
+            Outcome::Unavailable("down".into()).step(u32::MAX, 1),
+            Step::WaitOutage("down".into())
+        );
+    }
+}

@@ -161,3 +161,95 @@ pub(super) fn subject_matches(filter: &str, subject: &str) -> bool {
         (filter.split('.').collect(), subject.split('.').collect());
     f.len() == s.len() && f.iter().zip(&s).all(|(f, s)| *f == "*" || f == s)
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// A route for `name` that decodes anything and does nothing.
+    pub(in crate::consumer) fn route(name: &'static str, version: u32, filter: &str) -> Route {
+        Route {
+            name,
+            version,
+            filter: filter.to_owned(),
+            decode: |_| Ok(Box::new(())),
+            call: Call::Plain(Arc::new(|_, _| Box::pin(async { Ok(()) }))),
+        }
+    }
+
+    fn strings(filters: &[&str]) -> Vec<String> {
+        filters.iter().map(|f| (*f).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_template_becomes_a_filter_with_a_wildcard_per_field() {
+        assert_eq!(filter_of("lesson.published"), "lesson.published");
+        assert_eq!(filter_of("quiz.{quiz_id}.submitted"), "quiz.*.submitted");
+        assert_eq!(filter_of("{a}.x.{b}"), "*.x.*");
+    }
+
+    #[test]
+    fn a_wildcard_matches_exactly_one_token() {
+        assert!(subject_matches("quiz.*.submitted", "quiz.q1.submitted"));
+        assert!(subject_matches("lesson.published", "lesson.published"));
+        assert!(!subject_matches("quiz.*.submitted", "quiz.submitted"));
+        assert!(!subject_matches("quiz.*.submitted", "quiz.a.b.submitted"));
+        assert!(!subject_matches("quiz.*.submitted", "quiz.q1.graded"));
+        assert!(!subject_matches("lesson.published", "lesson.published.x"));
+        assert!(!subject_matches("lesson.published", "lesson"));
+    }
+
+    #[test]
+    fn filters_overlap_when_one_subject_can_match_two() {
+        assert!(!any_overlap(&strings(&[])));
+        assert!(!any_overlap(&strings(&["quiz.*.submitted"])));
+        assert!(!any_overlap(&strings(&[
+            "lesson.published",
+            "quiz.*.submitted",
+            "quiz.*.graded"
+        ])));
+        assert!(any_overlap(&strings(&[
+            "lesson.published",
+            "quiz.*.graded",
+            "quiz.q1.*"
+        ])));
+        assert!(any_overlap(&strings(&["a.*", "*.b"])));
+        // Different lengths never overlap: `*` is one token, not `>`.
+        assert!(!any_overlap(&strings(&["a.*", "a.*.c"])));
+    }
+
+    #[test]
+    fn routes_refuse_no_handler_and_two_handlers_for_one_event() {
+        let none = Routes::new("grading", Vec::new()).err().unwrap();
+        assert!(matches!(none, ConsumerError::NoHandlers(group) if group == "grading"));
+        let twice = Routes::new(
+            "grading",
+            vec![route("a.b", 1, "a.b"), route("a.b", 2, "a.b")],
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(
+            twice,
+            ConsumerError::DuplicateHandler { group, event: "a.b" } if group == "grading"
+        ));
+    }
+
+    #[test]
+    fn routes_keep_each_filter_once_sorted_and_cover_their_subjects() {
+        let routes = Routes::new(
+            "grading",
+            vec![
+                route("quiz.submitted", 1, "quiz.*.submitted"),
+                route("lesson.published", 1, "lesson.published"),
+                route("quiz.resubmitted", 1, "quiz.*.submitted"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(routes.filters(), ["lesson.published", "quiz.*.submitted"]);
+        assert_eq!(routes.get("quiz.submitted").unwrap().version, 1);
+        assert!(routes.get("quiz.graded").is_none());
+        assert!(routes.covers("quiz.q9.submitted"));
+        assert!(routes.covers("lesson.published"));
+        assert!(!routes.covers("lesson.deleted"));
+    }
+}

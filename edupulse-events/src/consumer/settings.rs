@@ -113,3 +113,80 @@ impl ConsumerSettings {
         .unwrap_or(i64::MAX)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(settings: ConsumerSettings) -> String {
+        match settings.validate() {
+            Err(ConsumerError::Settings(why)) => why,
+            other => panic!("{settings:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_and_the_edges_of_the_ranges_are_valid() {
+        assert!(ConsumerSettings::default().validate().is_ok());
+        for concurrency in [1, MAX_CONCURRENCY] {
+            let settings = ConsumerSettings {
+                concurrency,
+                max_deliveries: 1,
+                fetch_batch: 1,
+                ack_wait: Duration::from_nanos(1),
+                ..ConsumerSettings::default()
+            };
+            assert!(settings.validate().is_ok(), "{settings:?}");
+        }
+    }
+
+    #[test]
+    fn concurrency_out_of_range_is_refused() {
+        for concurrency in [0, MAX_CONCURRENCY + 1] {
+            let why = refused(ConsumerSettings {
+                concurrency,
+                ..ConsumerSettings::default()
+            });
+            assert!(why.contains(&format!("concurrency {concurrency}")), "{why}");
+            assert!(why.contains("1 to 1024"), "{why}");
+        }
+    }
+
+    #[test]
+    fn zero_deliveries_batch_or_ack_wait_is_refused() {
+        let zeroes = [
+            ConsumerSettings {
+                max_deliveries: 0,
+                ..ConsumerSettings::default()
+            },
+            ConsumerSettings {
+                fetch_batch: 0,
+                ..ConsumerSettings::default()
+            },
+            ConsumerSettings {
+                ack_wait: Duration::ZERO,
+                ..ConsumerSettings::default()
+            },
+        ];
+        for settings in zeroes {
+            assert!(refused(settings).contains("more than zero"));
+        }
+    }
+
+    #[test]
+    fn start_from_and_max_ack_pending_as_jetstream_takes_them() {
+        assert_eq!(StartFrom::Beginning.deliver_policy(), DeliverPolicy::All);
+        assert_eq!(StartFrom::New.deliver_policy(), DeliverPolicy::New);
+        let settings = ConsumerSettings {
+            concurrency: 4,
+            fetch_batch: 100,
+            ..ConsumerSettings::default()
+        };
+        assert_eq!(settings.max_ack_pending(), 800);
+        let huge = ConsumerSettings {
+            fetch_batch: usize::MAX,
+            ..settings
+        };
+        assert_eq!(huge.max_ack_pending(), i64::MAX);
+    }
+}
