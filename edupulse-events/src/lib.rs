@@ -36,8 +36,8 @@ pub use config::{
     DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
 };
 pub use consumer::{
-    ConsumerBuilder, ConsumerError, ConsumerHandle, ConsumerSettings, DeadLetter, Envelope,
-    HandlerError, Received, StartFrom,
+    ConsumerBuilder, ConsumerError, ConsumerErrorKind, ConsumerHandle, ConsumerSettings,
+    DeadLetter, DeadReason, Envelope, HandlerError, ParseDeadReasonError, Received, StartFrom,
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{DomainEvent, SubjectError};

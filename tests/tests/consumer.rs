@@ -2,7 +2,8 @@
 //! dead letters, shutdown under load, and two instances sharing a group.
 
 use edupulse_events::{
-    ConsumerSettings, DomainEvent, EventService, HandlerError, Received, RelayHandle, StartFrom,
+    ConsumerSettings, DeadReason, DomainEvent, EventService, HandlerError, Received, RelayHandle,
+    StartFrom,
 };
 use edupulse_events_tests::{wait_for, TestEnv};
 use serde::{Deserialize, Serialize};
@@ -298,7 +299,7 @@ async fn dying_after_commit_before_ack_still_applies_the_effect_once() {
             .start()
     };
     let doomed = start(&service).await.unwrap();
-    doomed.__crash_after_commit();
+    doomed.crash_after_commit();
     let id = service
         .emit(LessonPublished { lesson_id: 9 })
         .await
@@ -368,7 +369,7 @@ async fn a_poison_event_is_dead_lettered_and_the_rest_keep_flowing() {
     assert_eq!(*handled.lock().unwrap(), vec![1, 3, 4], "in stream order");
     let dead = service.dead_letters("grading", 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].reason, "handler_failed");
+    assert_eq!(dead[0].reason, DeadReason::HandlerFailed);
     assert_eq!(dead[0].event_id, Some(ids[1]));
     assert_eq!(dead[0].deliveries, 3);
     assert!(dead[0].error.contains("poison"), "{}", dead[0].error);
@@ -439,15 +440,15 @@ async fn undecodable_and_unknown_messages_go_to_dead_letters_with_a_reason() {
     })
     .await;
     let dead = service.dead_letters("grading", 10).await.unwrap();
-    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    let reasons: Vec<DeadReason> = dead.iter().map(|d| d.reason).collect();
     assert_eq!(
         reasons,
         [
-            "undecodable",
-            "undecodable",
-            "unknown_version",
-            "unknown_event",
-            "undecodable"
+            DeadReason::Undecodable,
+            DeadReason::Undecodable,
+            DeadReason::UnknownVersion,
+            DeadReason::UnknownEvent,
+            DeadReason::Undecodable
         ]
     );
     assert!(
@@ -557,7 +558,7 @@ async fn shutdown_under_load_loses_nothing_and_leaves_nothing_half_applied() {
         pause.blocked.load(Ordering::SeqCst) >= 1
     })
     .await;
-    first.__begin_shutdown();
+    first.begin_shutdown();
     pause.release();
     first.shutdown().await.unwrap();
     let inbox = count(&service, "SELECT count(*) FROM edupulse.inbox").await;
@@ -711,7 +712,7 @@ async fn start_and_kill_holding(
             .await
             .unwrap()
     };
-    doomed.__crash_after_commit();
+    doomed.crash_after_commit();
     emit.await;
     wait_for(
         WAIT,

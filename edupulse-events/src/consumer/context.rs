@@ -1,0 +1,121 @@
+//! What the fetch loop and the lanes of one running instance share: the service, the
+//! group's routes and settings, its counters, and the messages waiting in the lanes'
+//! queues.
+
+use super::route::Routes;
+use super::settings::ConsumerSettings;
+use crate::service::Inner;
+use async_nats::jetstream::{AckKind, Message};
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+#[cfg(feature = "test-hooks")]
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The counters a [`ConsumerHandle`](super::ConsumerHandle) reports, and (with the
+/// `test-hooks` feature) the crash switch of the integration tests.
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    /// Events handled successfully.
+    pub handled: AtomicU64,
+    /// Duplicate deliveries the inbox skipped.
+    pub duplicates: AtomicU64,
+    /// Messages recorded in the dead-letter table.
+    pub dead_lettered: AtomicU64,
+    /// Test hook: the next `on_tx` event is committed, then the instance "dies".
+    #[cfg(feature = "test-hooks")]
+    pub crash_before_ack: AtomicBool,
+    /// Test hook: the instance has "died"; it acks and naks nothing from then on.
+    #[cfg(feature = "test-hooks")]
+    pub crashed: AtomicBool,
+}
+
+/// One running instance of a group, as its fetch loop and lanes see it.
+pub(super) struct Ctx {
+    /// The service's connections and configuration.
+    pub inner: Arc<Inner>,
+    /// Wakes the fetch loop when a simulated crash happens.
+    #[cfg(feature = "test-hooks")]
+    pub crash: tokio::sync::Notify,
+    /// The group's name (its durable consumer's name).
+    pub group: String,
+    /// The group's handlers, by event name, and the subjects they cover.
+    pub routes: Routes,
+    /// How the group works.
+    pub settings: ConsumerSettings,
+    /// The counters the handle reads.
+    pub stats: Arc<Stats>,
+    /// Messages handed to a lane and waiting in its queue, by reply subject (one per
+    /// delivery): the fetch loop sends them progress, so that a long queue is not
+    /// redelivered while this instance still has it.
+    pub queued: Mutex<BTreeSet<async_nats::Subject>>,
+}
+
+impl Ctx {
+    /// Whether a simulated crash has happened: the instance then acks and naks nothing.
+    /// Always false without the `test-hooks` feature, so the checks compile away.
+    #[inline]
+    pub fn crashed(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.stats.crashed.load(Ordering::SeqCst);
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+
+    /// Completes when a simulated crash happens; never without the `test-hooks`
+    /// feature.
+    pub async fn crash_notified(&self) {
+        #[cfg(feature = "test-hooks")]
+        self.crash.notified().await;
+        #[cfg(not(feature = "test-hooks"))]
+        std::future::pending::<()>().await;
+    }
+
+    /// Test hook, after an `on_tx` commit: if the crash switch is on, "dies" now (the
+    /// lanes and the fetch loop see it) and returns true.
+    #[cfg(feature = "test-hooks")]
+    pub fn crash_if_asked(&self) -> bool {
+        if !self.stats.crash_before_ack.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.stats.crashed.store(true, Ordering::SeqCst);
+        self.crash.notify_one();
+        true
+    }
+
+    /// Notes that `message` waits in a lane's queue.
+    pub fn enqueued(&self, message: &Message) {
+        if let Some(reply) = &message.reply {
+            if let Ok(mut queued) = self.queued.lock() {
+                queued.insert(reply.clone());
+            }
+        }
+    }
+
+    /// Notes that `message` has left its lane's queue.
+    pub fn dequeued(&self, message: &Message) {
+        if let Some(reply) = &message.reply {
+            if let Ok(mut queued) = self.queued.lock() {
+                queued.remove(reply);
+            }
+        }
+    }
+
+    /// Tells JetStream the messages waiting in the lanes' queues are in progress (what
+    /// `ack_with(AckKind::Progress)` sends, to each one's reply subject).
+    pub async fn progress_queued(&self) {
+        let waiting: Vec<async_nats::Subject> = match self.queued.lock() {
+            Ok(queued) => queued.iter().cloned().collect(),
+            Err(_) => return,
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        let client = self.inner.jetstream.client();
+        for reply in waiting {
+            let _ = client
+                .publish(reply, bytes::Bytes::from(AckKind::Progress))
+                .await;
+        }
+    }
+}

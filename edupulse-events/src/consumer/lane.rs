@@ -1,0 +1,509 @@
+//! Lanes: the tasks that handle messages, one subject always in the same lane, so in
+//! stream order. A lane takes one message at a time from its queue through the
+//! handler, retries it in place, and acks, dead-letters or hands it back.
+
+use super::context::Ctx;
+use super::dead_letter::{dead_letter, DeadReason, DeadRecord};
+use super::envelope::{parse, Delivered, Envelope, Parsed};
+use super::inbox;
+use super::route::{Call, Route, TxCall};
+use crate::causation::Cause;
+use crate::support::pg::is_unavailable;
+use crate::support::retry::{backoff, progress_period, sleep_or_stop};
+use async_nats::jetstream::{AckKind, Message};
+use std::any::Any;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// The lane of a subject: the same subject always goes to the same lane.
+pub(super) fn lane_of(subject: &str, lanes: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    subject.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
+}
+
+/// The lanes of an instance: each one's queue and task.
+pub(super) struct Lanes(Vec<(mpsc::UnboundedSender<Message>, JoinHandle<()>)>);
+
+impl Lanes {
+    /// Starts `settings.concurrency` lanes.
+    pub fn start(ctx: &Arc<Ctx>, stop: &watch::Receiver<bool>) -> Lanes {
+        let lanes = (0..ctx.settings.concurrency)
+            .map(|lane| {
+                let (tx, rx) = mpsc::unbounded_channel::<Message>();
+                let ctx = ctx.clone();
+                let stop = stop.clone();
+                let task = tokio::spawn(
+                    run_lane(ctx, rx, stop).instrument(tracing::debug_span!("lane", lane)),
+                );
+                (tx, task)
+            })
+            .collect();
+        Lanes(lanes)
+    }
+
+    /// Hands `message` to its lane; false if the lane has gone.
+    ///
+    /// The lanes' queues are unbounded: the server delivers at most `max_ack_pending`
+    /// messages not acked, which bounds them, and the fetch loop never waits on a lane,
+    /// so no delivered message waits where it cannot be sent progress (in the pull
+    /// stream's own buffer, say) and be redelivered while this instance still has it.
+    pub fn dispatch(&self, ctx: &Ctx, message: Message) -> bool {
+        let lane = lane_of(message.subject.as_str(), self.0.len());
+        ctx.enqueued(&message);
+        match self.0[lane].0.send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::SendError(message)) => {
+                ctx.dequeued(&message);
+                false
+            }
+        }
+    }
+
+    /// Closes the queues and waits for the lanes to finish the event in hand (and give
+    /// queued ones back), until `deadline`; a lane still busy then is abandoned.
+    pub async fn close(self, deadline: Instant) {
+        let (senders, tasks): (Vec<_>, Vec<_>) = self.0.into_iter().unzip();
+        drop(senders);
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!("a handler did not finish within shutdown_timeout; abandoning it (its event will be redelivered)");
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A lane: handles the messages of its queue one by one until the queue closes.
+async fn run_lane(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while let Some(message) = rx.recv().await {
+        // From here `process` sends progress itself while it works.
+        ctx.dequeued(&message);
+        if ctx.crashed() {
+            // A dead process acks and naks nothing.
+            continue;
+        }
+        if *stop.borrow() {
+            give_back(&message).await;
+            continue;
+        }
+        process(&ctx, &message, &mut stop).await;
+    }
+}
+
+/// Takes one message from its lane's queue to its ack, its dead letter or its hand-back.
+async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>) {
+    let delivered = Delivered::of(message);
+    let prefix = &ctx.inner.config.subject_prefix;
+    match parse(&ctx.routes, &ctx.group, prefix, message, delivered) {
+        Parsed::NotOurs => ack(message).await,
+        Parsed::Dead(reason, why) => {
+            let record = DeadRecord {
+                reason,
+                why: &why,
+                envelope: None,
+                deliveries: delivered.count,
+                sequence: delivered.sequence,
+            };
+            dead_letter(ctx, message, stop, record).await;
+        }
+        Parsed::Event(route, envelope) => {
+            let delivery = Delivery {
+                ctx,
+                message,
+                stop,
+                route,
+                span: tracing::debug_span!("edupulse.handle", event = route.name, id = %envelope.id),
+                envelope,
+                sequence: delivered.sequence,
+                attempt: delivered.count,
+                outages: 0,
+            };
+            delivery.run().await;
+        }
+    }
+}
+
+/// An event in its lane, tried until it is acked, dead-lettered or handed back.
+struct Delivery<'a> {
+    /// The instance.
+    ctx: &'a Ctx,
+    /// The message.
+    message: &'a Message,
+    /// Whether the instance is shutting down.
+    stop: &'a mut watch::Receiver<bool>,
+    /// The event's handler.
+    route: &'a Route,
+    /// The event's envelope (its `attempt` is set on each try).
+    envelope: Envelope,
+    /// The message's stream sequence.
+    sequence: u64,
+    /// Which delivery to the handler this is, from JetStream's count, then counted
+    /// here as the lane retries.
+    attempt: u32,
+    /// Retries because Postgres was unreachable, for their backoff; they do not count
+    /// toward `max_deliveries`.
+    outages: u32,
+    /// The span the handler runs in.
+    span: tracing::Span,
+}
+
+/// What a delivery does after one try.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Ack the message: done.
+    Ack,
+    /// Nothing more: the instance "died" (a simulated crash).
+    #[cfg(feature = "test-hooks")]
+    Abandon,
+    /// Postgres could not be reached: wait and try again, without counting a delivery.
+    WaitOutage(String),
+    /// The handler failed: wait and try again, as the next delivery.
+    Retry(String),
+    /// The handler failed on the last delivery: dead-letter the message.
+    GiveUp(String),
+}
+
+impl Outcome {
+    /// What follows this outcome of delivery `attempt`, of at most `max_deliveries`.
+    fn step(self, attempt: u32, max_deliveries: u32) -> Step {
+        match self {
+            Outcome::Handled | Outcome::Duplicate => Step::Ack,
+            #[cfg(feature = "test-hooks")]
+            Outcome::Crashed => Step::Abandon,
+            Outcome::Unavailable(why) => Step::WaitOutage(why),
+            Outcome::Failed(why) if attempt >= max_deliveries => Step::GiveUp(why),
+            Outcome::Failed(why) => Step::Retry(why),
+        }
+    }
+}
+
+impl Delivery<'_> {
+    /// Tries the event until it is done with.
+    async fn run(mut self) {
+        loop {
+            let Some(event) = self.decode().await else {
+                return;
+            };
+            let outcome = self.try_once(event).await;
+            match outcome {
+                Outcome::Handled => {
+                    self.ctx.stats.handled.fetch_add(1, Ordering::SeqCst);
+                }
+                Outcome::Duplicate => {
+                    self.ctx.stats.duplicates.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+            let step = outcome.step(self.attempt, self.ctx.settings.max_deliveries);
+            let done = match step {
+                Step::Ack => {
+                    ack(self.message).await;
+                    true
+                }
+                #[cfg(feature = "test-hooks")]
+                Step::Abandon => true,
+                Step::WaitOutage(why) => self.wait_outage(&why).await,
+                Step::Retry(why) => self.retry(&why).await,
+                Step::GiveUp(why) => {
+                    self.give_up(DeadReason::HandlerFailed, &why).await;
+                    true
+                }
+            };
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Decodes the payload; if it does not decode, dead-letters the message.
+    async fn decode(&mut self) -> Option<Box<dyn Any + Send>> {
+        match (self.route.decode)(&self.message.payload) {
+            Ok(event) => Some(event),
+            Err(error) => {
+                let why = format!("payload does not decode as `{}`: {error}", self.route.name);
+                self.give_up(DeadReason::Undecodable, &why).await;
+                None
+            }
+        }
+    }
+
+    /// Calls the handler once, as the current cause, with progress sent meanwhile.
+    async fn try_once(&self, event: Box<dyn Any + Send>) -> Outcome {
+        let mut this = self.envelope.clone();
+        this.attempt = self.attempt;
+        let cause = Cause::of(self.envelope.id, self.envelope.correlation_id);
+        let handling = cause.scope(handle(self.ctx, self.route, event, this));
+        with_progress(self.message, self.ctx.settings.ack_wait, handling)
+            .instrument(self.span.clone())
+            .await
+    }
+
+    /// Waits, in the lane, after Postgres could not be reached. True if the instance is
+    /// shutting down (the message has been handed back).
+    async fn wait_outage(&mut self, why: &str) -> bool {
+        self.outages = self.outages.saturating_add(1);
+        let delay = backoff(
+            self.ctx.settings.retry_base,
+            self.ctx.settings.retry_max,
+            i32::try_from(self.outages).unwrap_or(i32::MAX),
+        );
+        tracing::warn!(
+            group = %self.ctx.group, event = self.route.name, id = %self.envelope.id,
+            attempt = self.attempt, retry_in = ?delay, error = %why,
+            "Postgres is unreachable; retrying (not counted as a failed delivery)"
+        );
+        wait_in_lane(self.ctx, self.message, self.stop, delay).await
+    }
+
+    /// Waits, in the lane, after the handler failed, and counts the next delivery. True
+    /// if the instance is shutting down (the message has been handed back).
+    async fn retry(&mut self, why: &str) -> bool {
+        self.outages = 0;
+        let delay = backoff(
+            self.ctx.settings.retry_base,
+            self.ctx.settings.retry_max,
+            i32::try_from(self.attempt).unwrap_or(i32::MAX),
+        );
+        tracing::warn!(
+            group = %self.ctx.group, event = self.route.name, id = %self.envelope.id,
+            attempt = self.attempt, retry_in = ?delay, error = %why, "handler failed; retrying"
+        );
+        if wait_in_lane(self.ctx, self.message, self.stop, delay).await {
+            return true;
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        false
+    }
+
+    /// Records the message in the dead-letter table (then terminates it).
+    async fn give_up(&mut self, reason: DeadReason, why: &str) {
+        let record = DeadRecord {
+            reason,
+            why,
+            envelope: Some(&self.envelope),
+            deliveries: self.attempt,
+            sequence: self.sequence,
+        };
+        dead_letter(self.ctx, self.message, self.stop, record).await;
+    }
+}
+
+/// Waits `delay` before the next try, in the lane (which keeps later events of the
+/// subject behind it) and with progress sent. True if the instance is shutting down:
+/// the message has then been handed back for JetStream to redeliver later.
+pub(super) async fn wait_in_lane(
+    ctx: &Ctx,
+    message: &Message,
+    stop: &mut watch::Receiver<bool>,
+    delay: Duration,
+) -> bool {
+    let stopping = with_progress(message, ctx.settings.ack_wait, async {
+        sleep_or_stop(stop, delay).await
+    })
+    .await;
+    if stopping {
+        give_back(message).await;
+    }
+    stopping
+}
+
+/// Runs `work`, telling JetStream the message is still in progress every third of
+/// `ack_wait`, so that a slow handler or a retry wait does not cause a redelivery.
+async fn with_progress<T>(
+    message: &Message,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let period = progress_period(ack_wait);
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// Hands a message back for immediate redelivery (to this group's other instances).
+pub(super) async fn give_back(message: &Message) {
+    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!(%error, "could not nak a message; it is redelivered after ack_wait");
+    }
+}
+
+/// Acks a message; if the ack is lost, JetStream redelivers it.
+async fn ack(message: &Message) {
+    if let Err(error) = message.ack().await {
+        tracing::warn!(%error, "could not ack a message; JetStream will redeliver it");
+    }
+}
+
+/// How one call of a handler went.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The handler succeeded (and its transaction committed).
+    Handled,
+    /// The inbox already had the event: the handler was not called.
+    Duplicate,
+    /// The handler failed: counts toward `max_deliveries`.
+    Failed(String),
+    /// The framework could not reach Postgres (begin, inbox insert, commit): retried
+    /// without counting toward `max_deliveries`.
+    Unavailable(String),
+    /// The instance "died" after the commit (a simulated crash).
+    #[cfg(feature = "test-hooks")]
+    Crashed,
+}
+
+/// The outcome of a failed framework statement: [`Outcome::Unavailable`] if Postgres
+/// could not be reached, else [`Outcome::Failed`].
+fn framework_failure(what: &str, error: &sqlx::Error) -> Outcome {
+    let why = format!("{what}: {error}");
+    if is_unavailable(error) {
+        Outcome::Unavailable(why)
+    } else {
+        Outcome::Failed(why)
+    }
+}
+
+/// Calls the event's handler once.
+async fn handle(
+    ctx: &Ctx,
+    route: &Route,
+    event: Box<dyn Any + Send>,
+    envelope: Envelope,
+) -> Outcome {
+    match &route.call {
+        Call::Plain(call) => match call(event, envelope).await {
+            Ok(()) => Outcome::Handled,
+            Err(error) => Outcome::Failed(error.to_string()),
+        },
+        Call::Tx(call) => handle_tx(ctx, call, event, envelope).await,
+    }
+}
+
+/// Calls an `on_tx` handler once, in a transaction that records the event in the
+/// inbox first: a duplicate is rolled back without calling the handler.
+async fn handle_tx(
+    ctx: &Ctx,
+    call: &TxCall,
+    event: Box<dyn Any + Send>,
+    envelope: Envelope,
+) -> Outcome {
+    let mut tx = match ctx.inner.pool.begin().await {
+        Ok(tx) => tx,
+        Err(error) => return framework_failure("cannot begin a transaction", &error),
+    };
+    match inbox::record(&mut tx, &ctx.group, envelope.id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = tx.rollback().await;
+            return Outcome::Duplicate;
+        }
+        Err(error) => return framework_failure("cannot record the event in the inbox", &error),
+    }
+    if let Err(error) = call(&mut tx, event, envelope).await {
+        let _ = tx.rollback().await;
+        return Outcome::Failed(error.to_string());
+    }
+    if let Err(error) = tx.commit().await {
+        // If the commit did happen, the retry finds the event in the inbox.
+        return framework_failure("cannot commit the handler's transaction", &error);
+    }
+    #[cfg(feature = "test-hooks")]
+    if ctx.crash_if_asked() {
+        return Outcome::Crashed;
+    }
+    Outcome::Handled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_always_gets_the_same_lane_in_range() {
+        let subjects: Vec<String> = (0..500).map(|i| format!("p.quiz.q{i}.submitted")).collect();
+        for lanes in [1, 2, 3, 8, 1024] {
+            for subject in &subjects {
+                let lane = lane_of(subject, lanes);
+                assert!(lane < lanes, "{subject}: {lane} of {lanes}");
+                assert_eq!(lane_of(subject, lanes), lane, "{subject}");
+                assert_eq!(lane_of(&subject.clone(), lanes), lane, "{subject}");
+            }
+        }
+        assert_eq!(lane_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn subjects_spread_over_every_lane() {
+        let lanes = 8;
+        let mut load = vec![0usize; lanes];
+        for i in 0..800 {
+            load[lane_of(&format!("p.quiz.q{i}.submitted"), lanes)] += 1;
+        }
+        // 100 each on average; a lane with under a third of that is a broken spread.
+        assert!(load.iter().all(|&n| n > 33), "{load:?}");
+    }
+
+    #[test]
+    fn an_unreachable_postgres_is_an_outage_and_other_errors_a_failure() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        for error in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed, io] {
+            let outcome = framework_failure("cannot begin a transaction", &error);
+            assert_eq!(
+                outcome,
+                Outcome::Unavailable(format!("cannot begin a transaction: {error}"))
+            );
+        }
+        for error in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+        ] {
+            let outcome = framework_failure("cannot commit", &error);
+            assert_eq!(outcome, Outcome::Failed(format!("cannot commit: {error}")));
+        }
+    }
+
+    #[test]
+    fn only_handler_failures_count_toward_max_deliveries() {
+        assert_eq!(Outcome::Handled.step(1, 5), Step::Ack);
+        assert_eq!(Outcome::Duplicate.step(9, 5), Step::Ack);
+        assert_eq!(
+            Outcome::Failed("x".into()).step(4, 5),
+            Step::Retry("x".into())
+        );
+        assert_eq!(
+            Outcome::Failed("x".into()).step(5, 5),
+            Step::GiveUp("x".into())
+        );
+        assert_eq!(
+            Outcome::Failed("x".into()).step(6, 5),
+            Step::GiveUp("x".into())
+        );
+        // An outage never gives up, even past the last delivery.
+        assert_eq!(
+            Outcome::Unavailable("down".into()).step(5, 5),
+            Step::WaitOutage("down".into())
+        );
+        assert_eq!(
+            Outcome::Unavailable("down".into()).step(u32::MAX, 1),
+            Step::WaitOutage("down".into())
+        );
+    }
+}

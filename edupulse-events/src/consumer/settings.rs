@@ -1,0 +1,192 @@
+//! How a consumer group works: [`ConsumerSettings`], [`StartFrom`], and the check of
+//! their ranges before a group starts.
+
+use super::ConsumerError;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use std::time::Duration;
+
+/// The most lanes a group may have.
+const MAX_CONCURRENCY: usize = 1024;
+
+/// Where a new consumer group starts reading the stream. An existing group goes on
+/// where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// From the first event the stream holds.
+    #[default]
+    Beginning,
+    /// From events published after the group is created.
+    New,
+}
+
+impl StartFrom {
+    /// The JetStream deliver policy of a new durable consumer.
+    pub(super) fn deliver_policy(self) -> DeliverPolicy {
+        match self {
+            StartFrom::Beginning => DeliverPolicy::All,
+            StartFrom::New => DeliverPolicy::New,
+        }
+    }
+}
+
+/// How a consumer group works; every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// How many events are handled at once. Events of one subject always go to the same
+    /// lane, so with the default, 1, and with any value, events of one subject reach the
+    /// handler in stream order. Default 1.
+    ///
+    /// The order holds for one running instance of the group, including across the
+    /// death of an earlier one: an instance that starts while messages delivered before
+    /// it are still unacked (given to an instance that died, say) holds the later
+    /// messages, up to `ack_wait` and a margin, until the earlier ones come back, and
+    /// handles them all in stream order. It does not hold when several instances run
+    /// at once: they share a subject's events, and when one of them dies, the
+    /// survivors have already handled later events by the time its unacked ones come
+    /// back.
+    pub concurrency: usize,
+    /// How many times an event is handed to its handler before it is terminated and
+    /// recorded in the dead-letter table. Default 5. Only the handler's failures count:
+    /// when the framework itself cannot reach Postgres (to begin the `on_tx`
+    /// transaction, record the event in the inbox or commit), the event is retried in
+    /// its lane, with backoff, for as long as it takes.
+    pub max_deliveries: u32,
+    /// The delay before the second delivery; doubled each time, with jitter. Default 1 s.
+    pub retry_base: Duration,
+    /// The longest delay between deliveries. Default 60 s.
+    pub retry_max: Duration,
+    /// How long JetStream waits for an ack before it redelivers; the consumer sends
+    /// progress while a handler runs or waits to retry. Default 30 s.
+    pub ack_wait: Duration,
+    /// How long `shutdown` lets handlers in flight finish. Default 30 s.
+    pub shutdown_timeout: Duration,
+    /// Most messages fetched per pull request. Default 100.
+    pub fetch_batch: usize,
+    /// Where a new group starts. Default [`StartFrom::Beginning`].
+    pub start_from: StartFrom,
+    /// How long handled event ids are kept in the inbox. Keep it longer than any
+    /// republishing can happen. Default 7 days.
+    pub inbox_retention: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            concurrency: 1,
+            max_deliveries: 5,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            ack_wait: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            fetch_batch: 100,
+            start_from: StartFrom::Beginning,
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl ConsumerSettings {
+    /// Checks the settings a group cannot work with.
+    pub(super) fn validate(&self) -> Result<(), ConsumerError> {
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            return Err(ConsumerError::Settings(format!(
+                "concurrency {} is out of range; use 1 to {MAX_CONCURRENCY}",
+                self.concurrency
+            )));
+        }
+        if self.max_deliveries == 0 || self.fetch_batch == 0 || self.ack_wait.is_zero() {
+            return Err(ConsumerError::Settings(
+                "max_deliveries, fetch_batch and ack_wait must be more than zero".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The most messages the server delivers to the group without an ack: two fetch
+    /// batches per lane (saturating instead of overflowing).
+    pub(super) fn max_ack_pending(&self) -> i64 {
+        i64::try_from(
+            self.concurrency
+                .saturating_mul(self.fetch_batch)
+                .saturating_mul(2),
+        )
+        .unwrap_or(i64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(settings: ConsumerSettings) -> String {
+        match settings.validate() {
+            Err(ConsumerError::Settings(why)) => why,
+            other => panic!("{settings:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_and_the_edges_of_the_ranges_are_valid() {
+        assert!(ConsumerSettings::default().validate().is_ok());
+        for concurrency in [1, MAX_CONCURRENCY] {
+            let settings = ConsumerSettings {
+                concurrency,
+                max_deliveries: 1,
+                fetch_batch: 1,
+                ack_wait: Duration::from_nanos(1),
+                ..ConsumerSettings::default()
+            };
+            assert!(settings.validate().is_ok(), "{settings:?}");
+        }
+    }
+
+    #[test]
+    fn concurrency_out_of_range_is_refused() {
+        for concurrency in [0, MAX_CONCURRENCY + 1] {
+            let why = refused(ConsumerSettings {
+                concurrency,
+                ..ConsumerSettings::default()
+            });
+            assert!(why.contains(&format!("concurrency {concurrency}")), "{why}");
+            assert!(why.contains("1 to 1024"), "{why}");
+        }
+    }
+
+    #[test]
+    fn zero_deliveries_batch_or_ack_wait_is_refused() {
+        let zeroes = [
+            ConsumerSettings {
+                max_deliveries: 0,
+                ..ConsumerSettings::default()
+            },
+            ConsumerSettings {
+                fetch_batch: 0,
+                ..ConsumerSettings::default()
+            },
+            ConsumerSettings {
+                ack_wait: Duration::ZERO,
+                ..ConsumerSettings::default()
+            },
+        ];
+        for settings in zeroes {
+            assert!(refused(settings).contains("more than zero"));
+        }
+    }
+
+    #[test]
+    fn start_from_and_max_ack_pending_as_jetstream_takes_them() {
+        assert_eq!(StartFrom::Beginning.deliver_policy(), DeliverPolicy::All);
+        assert_eq!(StartFrom::New.deliver_policy(), DeliverPolicy::New);
+        let settings = ConsumerSettings {
+            concurrency: 4,
+            fetch_batch: 100,
+            ..ConsumerSettings::default()
+        };
+        assert_eq!(settings.max_ack_pending(), 800);
+        let huge = ConsumerSettings {
+            fetch_batch: usize::MAX,
+            ..settings
+        };
+        assert_eq!(huge.max_ack_pending(), i64::MAX);
+    }
+}
