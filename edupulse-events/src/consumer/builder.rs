@@ -162,13 +162,21 @@ impl ConsumerBuilder {
             #[cfg(feature = "test-hooks")]
             crash: tokio::sync::Notify::new(),
             queued: Mutex::new(BTreeSet::new()),
+            failure: tokio::sync::watch::Sender::new(None),
         });
+        let failure = ctx.failure.subscribe();
         tracing::info!(group = %group, "consumer started");
         let task = tokio::spawn(run(ctx, consumer, stop_rx).instrument(tracing::info_span!(
             "edupulse.consumer",
             group = %group
         )));
-        Ok(ConsumerHandle { stop, task, stats })
+        Ok(ConsumerHandle {
+            group,
+            stop,
+            task,
+            stats,
+            failure,
+        })
     }
 }
 

@@ -22,12 +22,18 @@ pub(super) struct Stats {
     pub duplicates: AtomicU64,
     /// Messages recorded in the dead-letter table.
     pub dead_lettered: AtomicU64,
+    /// Messages terminated without a dead-letter record, which Postgres refused.
+    pub dead_letters_lost: AtomicU64,
     /// Test hook: the next `on_tx` event is committed, then the instance "dies".
     #[cfg(feature = "test-hooks")]
     pub crash_before_ack: AtomicBool,
     /// Test hook: the instance has "died"; it acks and naks nothing from then on.
     #[cfg(feature = "test-hooks")]
     pub crashed: AtomicBool,
+    /// Test hook: the lane that takes the next message panics, as a bug of the
+    /// framework's would.
+    #[cfg(feature = "test-hooks")]
+    pub panic_in_lane: AtomicBool,
 }
 
 /// One running instance of a group, as its fetch loop and lanes see it.
@@ -49,6 +55,9 @@ pub(super) struct Ctx {
     /// delivery): the fetch loop sends them progress, so that a long queue is not
     /// redelivered while this instance still has it.
     pub queued: Mutex<BTreeSet<async_nats::Subject>>,
+    /// Why the instance failed (a lane died), once it has: the fetch loop stops, and
+    /// the handle reports it.
+    pub failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Ctx {
@@ -81,6 +90,20 @@ impl Ctx {
         self.stats.crashed.store(true, Ordering::SeqCst);
         self.crash.notify_one();
         true
+    }
+
+    /// Fails the instance: it stops fetching and shuts down, and the handle reports
+    /// `why` (the first failure is kept).
+    pub fn fail(&self, why: String) {
+        tracing::error!(group = %self.group, error = %why, "consumer instance failed; it stops");
+        self.failure.send_if_modified(|failure| {
+            if failure.is_none() {
+                *failure = Some(why);
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// Notes that `message` waits in a lane's queue.

@@ -6,6 +6,7 @@ use super::context::Ctx;
 use super::envelope::{header, Envelope};
 use super::lane::wait_in_lane;
 use crate::service::EventService;
+use crate::support::pg::{is_unavailable, Within};
 use crate::support::retry::backoff;
 use crate::support::sql::DEAD_LETTERS;
 use crate::wire::headers;
@@ -23,8 +24,8 @@ use uuid::Uuid;
 const INSERT_DEAD_LETTER: &str = formatcp!(
     "INSERT INTO {DEAD_LETTERS}
         (consumer_group, reason, error, event_id, event_name, subject, stream_sequence,
-         deliveries, headers, payload)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+         deliveries, headers, payload, raw_headers)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 );
 
 /// A group's dead letters, oldest first.
@@ -52,25 +53,30 @@ pub enum DeadReason {
     UnknownEvent,
     /// The group's handler takes another version of the event (`unknown_version`).
     UnknownVersion,
+    /// The handler (or the event type's `Deserialize`) panicked on every delivery, up
+    /// to `max_deliveries` (`handler_panicked`).
+    HandlerPanicked,
 }
 
 impl DeadReason {
     /// Every reason, in declaration order.
-    const ALL: [DeadReason; 4] = [
+    const ALL: [DeadReason; 5] = [
         DeadReason::HandlerFailed,
         DeadReason::Undecodable,
         DeadReason::UnknownEvent,
         DeadReason::UnknownVersion,
+        DeadReason::HandlerPanicked,
     ];
 
     /// The text the dead-letter table stores: `handler_failed`, `undecodable`,
-    /// `unknown_event` or `unknown_version`.
+    /// `unknown_event`, `unknown_version` or `handler_panicked`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::HandlerFailed => "handler_failed",
             DeadReason::Undecodable => "undecodable",
             DeadReason::UnknownEvent => "unknown_event",
             DeadReason::UnknownVersion => "unknown_version",
+            DeadReason::HandlerPanicked => "handler_panicked",
         }
     }
 }
@@ -96,7 +102,7 @@ impl FromStr for DeadReason {
 /// Text that names no [`DeadReason`]: a record written by a newer version of the
 /// library, say.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dead-letter reason {0:?}; this version of edupulse-events knows handler_failed, undecodable, unknown_event and unknown_version")]
+#[error("unknown dead-letter reason {0:?}; this version of edupulse-events knows handler_failed, undecodable, unknown_event, unknown_version and handler_panicked")]
 pub struct ParseDeadReasonError(String);
 
 impl ParseDeadReasonError {
@@ -120,45 +126,108 @@ pub(super) struct DeadRecord<'a> {
     pub sequence: u64,
 }
 
+/// How many times a dead-letter record that Postgres refuses (not one it cannot be
+/// reached for) is tried before the message is terminated without it.
+const REFUSED_WRITES: u32 = 3;
+
 /// Records a message in the dead-letter table, then terminates it. If the record
 /// cannot be written, it is tried again in the lane, with backoff and progress (later
-/// events of the subject wait behind it), until it is written or the instance stops
-/// (the message is then handed back).
+/// events of the subject wait behind it): while Postgres cannot be reached, until it
+/// is written or the instance stops (the message is then handed back); when Postgres
+/// refuses the record, [`REFUSED_WRITES`] times, and then the message is terminated
+/// anyway, logged with what it held and counted
+/// ([`ConsumerHandle::dead_letters_lost`](super::ConsumerHandle::dead_letters_lost)),
+/// so that no message blocks its subject for ever.
 pub(super) async fn dead_letter(
     ctx: &Ctx,
     message: &Message,
     stop: &mut watch::Receiver<bool>,
     record: DeadRecord<'_>,
 ) {
-    let headers = headers_json(message);
-    let mut failures: i32 = 0;
+    let readable = headers_json(message);
+    let raw = raw_headers(message);
+    let (mut outages, mut refusals) = (0u32, 0u32);
     loop {
-        match write(ctx, message, &record, &headers).await {
+        let error = match write(ctx, message, &record, &readable, &raw).await {
             Ok(()) => {
                 ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
                     group = %ctx.group, reason = record.reason.as_str(), subject = %message.subject,
                     error = %record.why, "message moved to the dead-letter table"
                 );
-                if let Err(error) = message.ack_with(AckKind::Term).await {
-                    tracing::warn!(%error, "could not terminate a dead-lettered message");
-                }
+                terminate(message).await;
                 return;
             }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let delay = backoff(ctx.settings.retry_base, ctx.settings.retry_max, failures);
+            Err(error) => error,
+        };
+        let failures = if is_unavailable(&error) {
+            outages = outages.saturating_add(1);
+            outages
+        } else {
+            refusals = refusals.saturating_add(1);
+            if refusals >= REFUSED_WRITES {
+                ctx.stats.dead_letters_lost.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
-                    %error, group = %ctx.group, retry_in = ?delay,
-                    "cannot write the dead-letter record; trying again (later events of the \
-                     subject wait)"
+                    %error, group = %ctx.group, reason = record.reason.as_str(),
+                    subject = %message.subject, sequence = record.sequence,
+                    event_id = ?record.event_id(message), why = %record.why,
+                    "Postgres refuses the dead-letter record; terminating the message \
+                     without it (it stays in the stream at this sequence)"
                 );
-                if wait_in_lane(ctx, message, stop, delay).await {
-                    return;
-                }
+                terminate(message).await;
+                return;
+            }
+            refusals
+        };
+        let delay = backoff(
+            ctx.settings.retry_base,
+            ctx.settings.retry_max,
+            i32::try_from(failures).unwrap_or(i32::MAX),
+        );
+        tracing::error!(
+            %error, group = %ctx.group, retry_in = ?delay,
+            "cannot write the dead-letter record; trying again (later events of the \
+             subject wait)"
+        );
+        if wait_in_lane(ctx, message, stop, delay).await {
+            return;
+        }
+    }
+}
+
+/// Tells JetStream never to deliver the message again.
+async fn terminate(message: &Message) {
+    if let Err(error) = message.ack_with(AckKind::Term).await {
+        tracing::warn!(%error, "could not terminate a dead-lettered message");
+    }
+}
+
+/// Text Postgres can store: a NUL (which `text` and `jsonb` refuse) becomes U+FFFD.
+/// The raw bytes are kept apart (`payload`, `raw_headers`).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// The header block as the consumer got it (`NATS/1.0`, then `name: value` lines),
+/// every value of every header: lossless, whatever bytes the values hold.
+fn raw_headers(message: &Message) -> Vec<u8> {
+    let mut raw = b"NATS/1.0\r\n".to_vec();
+    if let Some(headers) = &message.headers {
+        for (name, values) in headers.iter() {
+            for value in values {
+                raw.extend_from_slice(name.to_string().as_bytes());
+                raw.extend_from_slice(b": ");
+                raw.extend_from_slice(value.as_str().as_bytes());
+                raw.extend_from_slice(b"\r\n");
             }
         }
     }
+    raw.extend_from_slice(b"\r\n");
+    raw
 }
 
 /// The message's headers as a JSON object, the first value of each.
@@ -170,7 +239,10 @@ fn headers_json(message: &Message) -> serde_json::Value {
             h.iter()
                 .map(|(name, values)| {
                     let value = values.first().map(|v| v.as_str()).unwrap_or("");
-                    (name.to_string(), serde_json::Value::from(value))
+                    (
+                        storable(name.as_ref()).into_owned(),
+                        serde_json::Value::from(storable(value).into_owned()),
+                    )
                 })
                 .collect()
         })
@@ -178,32 +250,46 @@ fn headers_json(message: &Message) -> serde_json::Value {
     serde_json::Value::Object(headers)
 }
 
-/// Writes the record once.
+/// Writes the record once. Every text is made storable; the raw body and header
+/// block are kept as bytes.
 async fn write(
     ctx: &Ctx,
     message: &Message,
     record: &DeadRecord<'_>,
-    headers: &serde_json::Value,
+    readable: &serde_json::Value,
+    raw: &[u8],
 ) -> Result<(), sqlx::Error> {
-    let envelope = record.envelope;
+    let name = record
+        .envelope
+        .map(|e| e.name.as_str())
+        .or(header(message, headers::TYPE))
+        .map(storable);
     sqlx::query(INSERT_DEAD_LETTER)
-        .bind(&ctx.group)
+        .bind(storable(&ctx.group))
         .bind(record.reason.as_str())
-        .bind(record.why)
-        .bind(envelope.map(|e| e.id))
-        .bind(
-            envelope
-                .map(|e| e.name.as_str())
-                .or(header(message, headers::TYPE)),
-        )
-        .bind(message.subject.as_str())
+        .bind(storable(record.why))
+        .bind(record.event_id(message))
+        .bind(name)
+        .bind(storable(message.subject.as_str()))
         .bind(i64::try_from(record.sequence).unwrap_or(i64::MAX))
         .bind(i32::try_from(record.deliveries).unwrap_or(i32::MAX))
-        .bind(headers)
+        .bind(readable)
         .bind(message.payload.as_ref())
+        .bind(raw)
         .execute(&ctx.inner.pool)
+        .within(ctx.settings.statement_timeout)
         .await?;
     Ok(())
+}
+
+impl DeadRecord<'_> {
+    /// The event id: the envelope's, or else the message's `ce-id` when it is a UUID
+    /// (a message of an unknown type still names its event).
+    fn event_id(&self, message: &Message) -> Option<Uuid> {
+        self.envelope
+            .map(|e| e.id)
+            .or_else(|| header(message, headers::ID).and_then(|id| id.parse::<Uuid>().ok()))
+    }
 }
 
 /// A message a consumer group could not handle, as [`EventService::dead_letters`]

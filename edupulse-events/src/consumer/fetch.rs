@@ -76,6 +76,8 @@ struct Fetcher {
     lanes: Lanes,
     /// Prunes the inbox in the background.
     pruner: JoinHandle<()>,
+    /// Tells when the instance has failed (a lane died).
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl Fetcher {
@@ -83,7 +85,9 @@ impl Fetcher {
     fn start(ctx: Arc<Ctx>, consumer: PullConsumer, stop: watch::Receiver<bool>) -> Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
+        let failure = ctx.failure.subscribe();
         Fetcher {
+            failure,
             ctx,
             consumer,
             stop,
@@ -97,7 +101,7 @@ impl Fetcher {
     /// crash.
     async fn fetch(&mut self) {
         loop {
-            if *self.stop.borrow() || self.ctx.crashed() {
+            if *self.stop.borrow() || self.ctx.crashed() || self.failure.borrow().is_some() {
                 return;
             }
             if let Some(pull) = self.pull().await {
@@ -174,6 +178,7 @@ impl Fetcher {
             },
             _ = self.stop.changed() => Woke::Stop,
             _ = self.ctx.crash_notified() => Woke::Stop,
+            _ = self.failure.changed() => Woke::Stop,
             _ = pull.poll.tick(), if self.gate.catching_up() => {
                 self.read_floor().await;
                 Woke::Tick
@@ -234,7 +239,7 @@ impl Fetcher {
         }
         // Stop fetching; lanes finish the event in hand and give queued ones back.
         let deadline = Instant::now() + self.ctx.settings.shutdown_timeout;
-        self.lanes.close(deadline).await;
+        self.lanes.close(&self.ctx, deadline).await;
         if !self.ctx.crashed() {
             // Acks are published without waiting; make sure they left.
             let _ = self.ctx.inner.nats.flush().await;

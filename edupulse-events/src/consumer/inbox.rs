@@ -22,16 +22,22 @@ const INSERT_INBOX: &str = formatcp!(
      ON CONFLICT DO NOTHING"
 );
 
-/// Deletes a batch of a group's inbox entries below an event id.
+/// Deletes a batch of a group's inbox entries handled longer than `$2` µs ago (by the
+/// database's clock), oldest first.
 const PRUNE_INBOX: &str = formatcp!(
     "DELETE FROM {INBOX} WHERE consumer_group = $1 AND event_id IN (
         SELECT event_id FROM {INBOX}
-        WHERE consumer_group = $1 AND event_id < $2
-        ORDER BY event_id LIMIT {PRUNE_BATCH})"
+        WHERE consumer_group = $1
+          AND handled_at < now() - $2 * interval '1 microsecond'
+        ORDER BY handled_at LIMIT {PRUNE_BATCH})"
 );
 
 /// How many entries one pruning statement deletes at most.
 const PRUNE_BATCH: u64 = 1000;
+
+/// At most this many statements per pruning round, so that a large backlog of old
+/// entries is pruned over several rounds, never in one long burst.
+const STATEMENTS_PER_ROUND: usize = 10;
 
 /// How often the inbox is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -77,67 +83,39 @@ pub(super) fn spawn_pruner(ctx: Arc<Ctx>) -> JoinHandle<()> {
     })
 }
 
-/// Deletes inbox entries of events older than the retention, in bounded batches.
-/// Event ids are UUID v7, so "older" is a range of the primary key.
+/// Deletes inbox entries handled longer than the retention ago, in bounded batches
+/// and at most [`STATEMENTS_PER_ROUND`] statements.
 async fn prune_inbox(ctx: &Ctx) -> Result<u64, sqlx::Error> {
-    let bound = oldest_kept(std::time::SystemTime::now(), ctx.settings.inbox_retention);
+    let retention = i64::try_from(ctx.settings.inbox_retention.as_micros()).unwrap_or(i64::MAX);
     let mut total = 0;
-    loop {
+    for _ in 0..STATEMENTS_PER_ROUND {
         let deleted = sqlx::query(PRUNE_INBOX)
             .bind(&ctx.group)
-            .bind(bound)
+            .bind(retention)
             .execute(&ctx.inner.pool)
             .await?
             .rows_affected();
         total += deleted;
         if deleted < PRUNE_BATCH {
-            return Ok(total);
+            break;
         }
     }
-}
-
-/// The smallest v7 id of the millisecond `retention` before `now`: every id below it
-/// is older.
-fn oldest_kept(now: std::time::SystemTime, retention: Duration) -> Uuid {
-    let cutoff = now.checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
-    let since_epoch = cutoff
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let millis = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
-    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+    Ok(total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{SystemTime, UNIX_EPOCH};
 
     #[test]
     fn statements_name_the_inbox_table() {
         assert_eq!(CHECK_INBOX, "SELECT 1 FROM edupulse.inbox LIMIT 0");
         assert!(INSERT_INBOX.starts_with("INSERT INTO edupulse.inbox "));
         assert!(PRUNE_INBOX.contains("SELECT event_id FROM edupulse.inbox"));
-        assert!(PRUNE_INBOX.ends_with("LIMIT 1000)"), "{PRUNE_INBOX}");
-    }
-
-    #[test]
-    fn the_prune_bound_is_the_first_v7_id_of_the_cutoff_millisecond() {
-        let now = UNIX_EPOCH + Duration::from_millis(10_000_123);
-        let bound = oldest_kept(now, Duration::from_millis(123));
-        assert_eq!(bound.get_version_num(), 7);
-        let (secs, nanos) = bound.get_timestamp().unwrap().to_unix();
-        assert_eq!((secs, nanos), (10_000, 0));
-        // An id of the cutoff millisecond is kept; one of the millisecond before is not.
-        let at = uuid::Builder::from_unix_timestamp_millis(10_000_000, &[0; 10]).into_uuid();
-        let before = uuid::Builder::from_unix_timestamp_millis(9_999_999, &[0xff; 10]).into_uuid();
-        assert!(at >= bound);
-        assert!(before < bound);
-    }
-
-    #[test]
-    fn a_retention_longer_than_the_epoch_prunes_nothing() {
-        let bound = oldest_kept(SystemTime::now(), Duration::from_secs(u64::MAX));
-        let (secs, nanos) = bound.get_timestamp().unwrap().to_unix();
-        assert_eq!((secs, nanos), (0, 0));
+        assert!(PRUNE_INBOX.contains("handled_at < now()"), "{PRUNE_INBOX}");
+        assert!(
+            PRUNE_INBOX.ends_with("ORDER BY handled_at LIMIT 1000)"),
+            "{PRUNE_INBOX}"
+        );
     }
 }

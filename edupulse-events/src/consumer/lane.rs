@@ -8,12 +8,15 @@ use super::envelope::{parse, Delivered, Envelope, Parsed};
 use super::inbox;
 use super::route::{Call, Route, TxCall};
 use crate::causation::Cause;
-use crate::support::pg::is_unavailable;
+use crate::support::pg::{is_unavailable, Within};
 use crate::support::retry::{backoff, progress_period, sleep_or_stop};
+use crate::HandlerError;
 use async_nats::jetstream::{AckKind, Message};
+use futures::FutureExt;
 use std::any::Any;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,13 +72,17 @@ impl Lanes {
 
     /// Closes the queues and waits for the lanes to finish the event in hand (and give
     /// queued ones back), until `deadline`; a lane still busy then is abandoned.
-    pub async fn close(self, deadline: Instant) {
+    pub async fn close(self, ctx: &Ctx, deadline: Instant) {
         let (senders, tasks): (Vec<_>, Vec<_>) = self.0.into_iter().unzip();
         drop(senders);
         for mut task in tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                tracing::warn!("a handler did not finish within shutdown_timeout; abandoning it (its event will be redelivered)");
-                task.abort();
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => ctx.fail(format!("a lane ended badly: {error}")),
+                Err(_) => {
+                    tracing::warn!("a handler did not finish within shutdown_timeout; abandoning it (its event will be redelivered)");
+                    task.abort();
+                }
             }
         }
     }
@@ -87,9 +94,14 @@ async fn run_lane(
     mut rx: mpsc::UnboundedReceiver<Message>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let _watch = LaneWatch(&ctx);
     while let Some(message) = rx.recv().await {
         // From here `process` sends progress itself while it works.
         ctx.dequeued(&message);
+        #[cfg(feature = "test-hooks")]
+        if ctx.stats.panic_in_lane.swap(false, Ordering::SeqCst) {
+            panic!("test hook: a lane panics");
+        }
         if ctx.crashed() {
             // A dead process acks and naks nothing.
             continue;
@@ -99,6 +111,23 @@ async fn run_lane(
             continue;
         }
         process(&ctx, &message, &mut stop).await;
+    }
+}
+
+/// Fails the instance if its lane unwinds: user code cannot panic through a lane (its
+/// panics are caught as handler failures), so this is a bug of the framework's, and
+/// an instance with a dead lane must not go on as if it were healthy.
+struct LaneWatch<'a>(&'a Ctx);
+
+impl Drop for LaneWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(
+                "a lane panicked (a bug in edupulse-events; please report it); its \
+                 messages are redelivered"
+                    .to_owned(),
+            );
+        }
     }
 }
 
@@ -171,8 +200,8 @@ enum Step {
     WaitOutage(String),
     /// The handler failed: wait and try again, as the next delivery.
     Retry(String),
-    /// The handler failed on the last delivery: dead-letter the message.
-    GiveUp(String),
+    /// The handler failed (or panicked) on the last delivery: dead-letter the message.
+    GiveUp(DeadReason, String),
 }
 
 impl Outcome {
@@ -183,8 +212,13 @@ impl Outcome {
             #[cfg(feature = "test-hooks")]
             Outcome::Crashed => Step::Abandon,
             Outcome::Unavailable(why) => Step::WaitOutage(why),
-            Outcome::Failed(why) if attempt >= max_deliveries => Step::GiveUp(why),
-            Outcome::Failed(why) => Step::Retry(why),
+            Outcome::Failed(why) if attempt >= max_deliveries => {
+                Step::GiveUp(DeadReason::HandlerFailed, why)
+            }
+            Outcome::Panicked(why) if attempt >= max_deliveries => {
+                Step::GiveUp(DeadReason::HandlerPanicked, why)
+            }
+            Outcome::Failed(why) | Outcome::Panicked(why) => Step::Retry(why),
         }
     }
 }
@@ -193,10 +227,14 @@ impl Delivery<'_> {
     /// Tries the event until it is done with.
     async fn run(mut self) {
         loop {
-            let Some(event) = self.decode().await else {
-                return;
+            let outcome = match self.decode() {
+                Decoded::Event(event) => self.try_once(event).await,
+                Decoded::Panicked(why) => Outcome::Panicked(why),
+                Decoded::Refused(why) => {
+                    self.give_up(DeadReason::Undecodable, &why).await;
+                    return;
+                }
             };
-            let outcome = self.try_once(event).await;
             match outcome {
                 Outcome::Handled => {
                     self.ctx.stats.handled.fetch_add(1, Ordering::SeqCst);
@@ -216,8 +254,8 @@ impl Delivery<'_> {
                 Step::Abandon => true,
                 Step::WaitOutage(why) => self.wait_outage(&why).await,
                 Step::Retry(why) => self.retry(&why).await,
-                Step::GiveUp(why) => {
-                    self.give_up(DeadReason::HandlerFailed, &why).await;
+                Step::GiveUp(reason, why) => {
+                    self.give_up(reason, &why).await;
                     true
                 }
             };
@@ -227,15 +265,22 @@ impl Delivery<'_> {
         }
     }
 
-    /// Decodes the payload; if it does not decode, dead-letters the message.
-    async fn decode(&mut self) -> Option<Box<dyn Any + Send>> {
-        match (self.route.decode)(&self.message.payload) {
-            Ok(event) => Some(event),
-            Err(error) => {
-                let why = format!("payload does not decode as `{}`: {error}", self.route.name);
-                self.give_up(DeadReason::Undecodable, &why).await;
-                None
-            }
+    /// Decodes the payload (the event type's own `Deserialize` runs here, and may
+    /// panic).
+    fn decode(&self) -> Decoded {
+        let decode = self.route.decode;
+        let payload = &self.message.payload;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| decode(payload))) {
+            Ok(Ok(event)) => Decoded::Event(event),
+            Ok(Err(error)) => Decoded::Refused(format!(
+                "payload does not decode as `{}`: {error}",
+                self.route.name
+            )),
+            Err(panic) => Decoded::Panicked(format!(
+                "decoding `{}` panicked: {}",
+                self.route.name,
+                panic_message(panic.as_ref())
+            )),
         }
     }
 
@@ -353,6 +398,25 @@ async fn ack(message: &Message) {
     }
 }
 
+/// What decoding a payload gave.
+enum Decoded {
+    /// The event, for its handler.
+    Event(Box<dyn Any + Send>),
+    /// It does not decode: it never will.
+    Refused(String),
+    /// The event type's `Deserialize` panicked: a handler failure.
+    Panicked(String),
+}
+
+/// The text of a panic's payload, as `panic!` writes it.
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// How one call of a handler went.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
@@ -362,6 +426,9 @@ enum Outcome {
     Duplicate,
     /// The handler failed: counts toward `max_deliveries`.
     Failed(String),
+    /// The handler (or the event's `Deserialize`) panicked: counts toward
+    /// `max_deliveries`, and the dead letter says so.
+    Panicked(String),
     /// The framework could not reach Postgres (begin, inbox insert, commit): retried
     /// without counting toward `max_deliveries`.
     Unavailable(String),
@@ -389,12 +456,50 @@ async fn handle(
     envelope: Envelope,
 ) -> Outcome {
     match &route.call {
-        Call::Plain(call) => match call(event, envelope).await {
+        Call::Plain(call) => match guarded(ctx, call(event, envelope)).await {
             Ok(()) => Outcome::Handled,
-            Err(error) => Outcome::Failed(error.to_string()),
+            Err(outcome) => outcome,
         },
         Call::Tx(call) => handle_tx(ctx, call, event, envelope).await,
     }
+}
+
+/// Runs a handler's call with its time limit, catching a panic: the outcome of a
+/// failure, or of a panic, or of an error caused by a database that cannot be reached
+/// (a pool timeout while the handler emits, say: not the handler's fault).
+async fn guarded(
+    ctx: &Ctx,
+    call: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), Outcome> {
+    let limit = ctx.settings.handler_timeout;
+    match tokio::time::timeout(limit, AssertUnwindSafe(call).catch_unwind()).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(handler_failure(error.as_ref())),
+        Ok(Err(panic)) => Err(Outcome::Panicked(format!(
+            "the handler panicked: {}",
+            panic_message(panic.as_ref())
+        ))),
+        Err(_) => Err(Outcome::Failed(format!(
+            "the handler did not finish within handler_timeout ({limit:?})"
+        ))),
+    }
+}
+
+/// What a handler's error means: a failure of the handler, unless it was caused by a
+/// database that cannot be reached (then retried without counting).
+fn handler_failure(error: &(dyn std::error::Error + Send + Sync + 'static)) -> Outcome {
+    let why = error.to_string();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(is_unavailable)
+        {
+            return Outcome::Unavailable(why);
+        }
+        cause = current.source();
+    }
+    Outcome::Failed(why)
 }
 
 /// Calls an `on_tx` handler once, in a transaction that records the event in the
@@ -405,11 +510,15 @@ async fn handle_tx(
     event: Box<dyn Any + Send>,
     envelope: Envelope,
 ) -> Outcome {
-    let mut tx = match ctx.inner.pool.begin().await {
+    let limit = ctx.settings.statement_timeout;
+    let mut tx = match ctx.inner.pool.begin().within(limit).await {
         Ok(tx) => tx,
         Err(error) => return framework_failure("cannot begin a transaction", &error),
     };
-    match inbox::record(&mut tx, &ctx.group, envelope.id).await {
+    match inbox::record(&mut tx, &ctx.group, envelope.id)
+        .within(limit)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => {
             let _ = tx.rollback().await;
@@ -417,11 +526,11 @@ async fn handle_tx(
         }
         Err(error) => return framework_failure("cannot record the event in the inbox", &error),
     }
-    if let Err(error) = call(&mut tx, event, envelope).await {
-        let _ = tx.rollback().await;
-        return Outcome::Failed(error.to_string());
+    if let Err(outcome) = guarded(ctx, call(&mut tx, event, envelope)).await {
+        let _ = tx.rollback().within(limit).await;
+        return outcome;
     }
-    if let Err(error) = tx.commit().await {
+    if let Err(error) = tx.commit().within(limit).await {
         // If the commit did happen, the retry finds the event in the inbox.
         return framework_failure("cannot commit the handler's transaction", &error);
     }
@@ -481,6 +590,41 @@ mod tests {
     }
 
     #[test]
+    fn a_handler_error_caused_by_an_unreachable_database_is_not_the_handlers_failure() {
+        let pool_timeout: HandlerError =
+            Box::new(crate::EmitError::Database(sqlx::Error::PoolTimedOut));
+        assert!(matches!(
+            handler_failure(pool_timeout.as_ref()),
+            Outcome::Unavailable(_)
+        ));
+        let direct: HandlerError = Box::new(sqlx::Error::PoolTimedOut);
+        assert!(matches!(
+            handler_failure(direct.as_ref()),
+            Outcome::Unavailable(_)
+        ));
+        let own: HandlerError = "the quiz is closed".into();
+        assert_eq!(
+            handler_failure(own.as_ref()),
+            Outcome::Failed("the quiz is closed".into())
+        );
+        let query: HandlerError = Box::new(sqlx::Error::RowNotFound);
+        assert!(matches!(
+            handler_failure(query.as_ref()),
+            Outcome::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn a_panics_message_is_kept() {
+        let text = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
+        assert_eq!(panic_message(text.as_ref()), "static text");
+        let formatted = std::panic::catch_unwind(|| panic!("id {}", 7)).unwrap_err();
+        assert_eq!(panic_message(formatted.as_ref()), "id 7");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(7_u8)).unwrap_err();
+        assert_eq!(panic_message(other.as_ref()), "a panic without a message");
+    }
+
+    #[test]
     fn only_handler_failures_count_toward_max_deliveries() {
         assert_eq!(Outcome::Handled.step(1, 5), Step::Ack);
         assert_eq!(Outcome::Duplicate.step(9, 5), Step::Ack);
@@ -490,11 +634,20 @@ mod tests {
         );
         assert_eq!(
             Outcome::Failed("x".into()).step(5, 5),
-            Step::GiveUp("x".into())
+            Step::GiveUp(DeadReason::HandlerFailed, "x".into())
         );
         assert_eq!(
             Outcome::Failed("x".into()).step(6, 5),
-            Step::GiveUp("x".into())
+            Step::GiveUp(DeadReason::HandlerFailed, "x".into())
+        );
+        // A panic is a failure with its own reason.
+        assert_eq!(
+            Outcome::Panicked("p".into()).step(4, 5),
+            Step::Retry("p".into())
+        );
+        assert_eq!(
+            Outcome::Panicked("p".into()).step(5, 5),
+            Step::GiveUp(DeadReason::HandlerPanicked, "p".into())
         );
         // An outage never gives up, even past the last delivery.
         assert_eq!(

@@ -80,6 +80,8 @@ pub enum ConsumerErrorKind {
     JetStream,
     /// The consumer task panicked.
     Panicked,
+    /// The instance failed while running and stopped.
+    Failed,
 }
 
 /// A consumer group could not start.
@@ -127,6 +129,15 @@ pub enum ConsumerError {
     /// The consumer task panicked.
     #[error("the consumer task panicked: {0}")]
     Panicked(String),
+    /// The instance failed while running and stopped; its unacked messages are
+    /// redelivered (to another instance, or to this group when it starts again).
+    #[error("consumer group `{group}` failed and stopped: {reason}")]
+    Failed {
+        /// The group.
+        group: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl ConsumerError {
@@ -141,6 +152,7 @@ impl ConsumerError {
             ConsumerError::Database(_) => ConsumerErrorKind::Database,
             ConsumerError::JetStream { .. } => ConsumerErrorKind::JetStream,
             ConsumerError::Panicked(_) => ConsumerErrorKind::Panicked,
+            ConsumerError::Failed { .. } => ConsumerErrorKind::Failed,
         }
     }
 }
@@ -148,9 +160,11 @@ impl ConsumerError {
 /// A running consumer group instance; stop it with [`ConsumerHandle::shutdown`].
 #[derive(Debug)]
 pub struct ConsumerHandle {
+    group: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     stats: Arc<Stats>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl ConsumerHandle {
@@ -169,12 +183,26 @@ impl ConsumerHandle {
         self.stats.dead_lettered.load(Ordering::SeqCst)
     }
 
+    /// How many messages this instance terminated without a dead-letter record because
+    /// Postgres refused the record (each is logged with what it held, and stays in the
+    /// stream at its sequence). Zero unless something is badly wrong.
+    pub fn dead_letters_lost(&self) -> u64 {
+        self.stats.dead_letters_lost.load(Ordering::SeqCst)
+    }
+
     /// **Test only** (the `test-hooks` feature, never enabled in a service): the next
     /// `on_tx` event is committed, then the instance stops without acking or naking
     /// anything, as if its process died there.
     #[cfg(feature = "test-hooks")]
     pub fn crash_after_commit(&self) {
         self.stats.crash_before_ack.store(true, Ordering::SeqCst);
+    }
+
+    /// **Test only** (the `test-hooks` feature, never enabled in a service): the lane
+    /// that takes the next message panics, as a bug in the framework would make it.
+    #[cfg(feature = "test-hooks")]
+    pub fn panic_in_next_lane(&self) {
+        self.stats.panic_in_lane.store(true, Ordering::SeqCst);
     }
 
     /// Tells the instance to stop, as [`ConsumerHandle::shutdown`] does, without
@@ -192,16 +220,52 @@ impl ConsumerHandle {
         self.task.is_finished()
     }
 
+    /// Why the instance failed and stopped while running, if it did (then
+    /// [`shutdown`](Self::shutdown) returns the same error).
+    pub fn failure(&self) -> Option<ConsumerError> {
+        self.failure
+            .borrow()
+            .clone()
+            .map(|reason| ConsumerError::Failed {
+                group: self.group.clone(),
+                reason,
+            })
+    }
+
+    /// Waits until the instance fails (never, if it does not): for a supervisor that
+    /// restarts the group, or a health check. Returns the failure.
+    pub async fn failed(&self) -> ConsumerError {
+        let mut failure = self.failure.clone();
+        loop {
+            if let Some(error) = self.failure() {
+                return error;
+            }
+            if failure.changed().await.is_err() {
+                // The instance has ended without failing: it never will.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Stops fetching, lets handlers in flight finish (up to `shutdown_timeout`), acks
     /// what succeeded, hands queued messages back to JetStream, and returns.
     ///
     /// # Errors
-    /// [`ConsumerError::Panicked`] if the consumer task panicked.
+    /// [`ConsumerError::Panicked`] if the consumer task panicked, and
+    /// [`ConsumerError::Failed`] if the instance had failed while running (a lane
+    /// died); its messages are redelivered.
     pub async fn shutdown(self) -> Result<(), ConsumerError> {
         let _ = self.stop.send(true);
+        let failure = self.failure.clone();
+        let group = self.group.clone();
         self.task
             .await
-            .map_err(|e| ConsumerError::Panicked(e.to_string()))
+            .map_err(|e| ConsumerError::Panicked(e.to_string()))?;
+        let reason = failure.borrow().clone();
+        match reason.map(|reason| ConsumerError::Failed { group, reason }) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -247,6 +311,13 @@ mod tests {
             (
                 ConsumerError::Panicked("p".into()),
                 ConsumerErrorKind::Panicked,
+            ),
+            (
+                ConsumerError::Failed {
+                    group: "g".into(),
+                    reason: "r".into(),
+                },
+                ConsumerErrorKind::Failed,
             ),
         ];
         for (error, kind) in cases {

@@ -2,11 +2,15 @@
 //! their ranges before a group starts.
 
 use super::ConsumerError;
+use crate::support::range::check_duration;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use std::time::Duration;
 
 /// The most lanes a group may have.
 const MAX_CONCURRENCY: usize = 1024;
+
+/// The most messages one pull request asks for.
+const MAX_FETCH_BATCH: usize = 10_000;
 
 /// Where a new consumer group starts reading the stream. An existing group goes on
 /// where it stopped.
@@ -64,9 +68,18 @@ pub struct ConsumerSettings {
     pub fetch_batch: usize,
     /// Where a new group starts. Default [`StartFrom::Beginning`].
     pub start_from: StartFrom,
-    /// How long handled event ids are kept in the inbox. Keep it longer than any
-    /// republishing can happen. Default 7 days.
+    /// How long handled event ids are kept in the inbox, counted from when each was
+    /// handled. Keep it longer than any republishing can happen. Default 7 days.
     pub inbox_retention: Duration,
+    /// How long one call of a handler (with its transaction, for `on_tx`) may take:
+    /// past it the call is abandoned (its transaction rolls back) and counts as a
+    /// failed delivery, so that a handler stuck on a stalled connection cannot hold its
+    /// subject for ever while progress acks keep the message. Default 5 minutes.
+    pub handler_timeout: Duration,
+    /// How long one of the consumer's own statements (the inbox record, the commit, a
+    /// dead-letter record) may take before its connection is taken for dead; such a
+    /// failure is retried without counting as a delivery. Default 30 s.
+    pub statement_timeout: Duration,
 }
 
 impl Default for ConsumerSettings {
@@ -81,6 +94,8 @@ impl Default for ConsumerSettings {
             fetch_batch: 100,
             start_from: StartFrom::Beginning,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            handler_timeout: Duration::from_secs(300),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -98,6 +113,34 @@ impl ConsumerSettings {
             return Err(ConsumerError::Settings(
                 "max_deliveries, fetch_batch and ack_wait must be more than zero".to_owned(),
             ));
+        }
+        if self.fetch_batch > MAX_FETCH_BATCH {
+            return Err(ConsumerError::Settings(format!(
+                "fetch_batch {} is out of range; use 1 to {MAX_FETCH_BATCH}",
+                self.fetch_batch
+            )));
+        }
+        let durations = [
+            ("retry_base", self.retry_base, None),
+            ("retry_max", self.retry_max, None),
+            ("ack_wait", self.ack_wait, None),
+            ("handler_timeout", self.handler_timeout, None),
+            ("statement_timeout", self.statement_timeout, None),
+            ("inbox_retention", self.inbox_retention, None),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout,
+                Some("do not wait"),
+            ),
+        ];
+        for (name, value, zero_means) in durations {
+            check_duration(name, value, zero_means).map_err(ConsumerError::Settings)?;
+        }
+        if self.retry_max < self.retry_base {
+            return Err(ConsumerError::Settings(format!(
+                "retry_max ({:?}) is shorter than retry_base ({:?}); make it at least as long",
+                self.retry_max, self.retry_base
+            )));
         }
         Ok(())
     }
@@ -137,6 +180,85 @@ mod tests {
                 ..ConsumerSettings::default()
             };
             assert!(settings.validate().is_ok(), "{settings:?}");
+        }
+        let zero_wait = ConsumerSettings {
+            shutdown_timeout: Duration::ZERO,
+            fetch_batch: MAX_FETCH_BATCH,
+            ..ConsumerSettings::default()
+        };
+        assert!(zero_wait.validate().is_ok());
+    }
+
+    #[test]
+    fn durations_that_spin_or_overflow_are_refused() {
+        let base = ConsumerSettings::default;
+        for (settings, word) in [
+            (
+                ConsumerSettings {
+                    retry_base: Duration::ZERO,
+                    ..base()
+                },
+                "retry_base is zero",
+            ),
+            (
+                ConsumerSettings {
+                    retry_max: Duration::ZERO,
+                    ..base()
+                },
+                "retry_max is zero",
+            ),
+            (
+                ConsumerSettings {
+                    handler_timeout: Duration::ZERO,
+                    ..base()
+                },
+                "handler_timeout",
+            ),
+            (
+                ConsumerSettings {
+                    inbox_retention: Duration::ZERO,
+                    ..base()
+                },
+                "inbox_retention",
+            ),
+            (
+                ConsumerSettings {
+                    ack_wait: Duration::MAX,
+                    ..base()
+                },
+                "one year",
+            ),
+            (
+                ConsumerSettings {
+                    shutdown_timeout: Duration::MAX,
+                    ..base()
+                },
+                "one year",
+            ),
+            (
+                ConsumerSettings {
+                    retry_max: Duration::MAX,
+                    ..base()
+                },
+                "one year",
+            ),
+            (
+                ConsumerSettings {
+                    retry_base: Duration::from_secs(120),
+                    ..base()
+                },
+                "retry_max",
+            ),
+            (
+                ConsumerSettings {
+                    fetch_batch: MAX_FETCH_BATCH + 1,
+                    ..base()
+                },
+                "fetch_batch",
+            ),
+        ] {
+            let why = refused(settings);
+            assert!(why.contains(word), "{word}: {why}");
         }
     }
 
