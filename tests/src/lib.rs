@@ -432,3 +432,37 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// Publishes a message with a raw header block over plain TCP, as any client may
+/// (async-nats would refuse to build such headers). Panics if the server refuses it
+/// (tests only).
+pub async fn raw_hpub(nats_url: &str, subject: &str, header_block: &str, body: &str) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let address = nats_url.trim_start_matches("nats://");
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let total = header_block.len() + body.len();
+    let command = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\n\
+         HPUB {subject} {} {total}\r\n{header_block}{body}\r\nPING\r\n",
+        header_block.len()
+    );
+    stream
+        .get_mut()
+        .write_all(command.as_bytes())
+        .await
+        .unwrap();
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await.unwrap() == 0 {
+            panic!("the server closed the connection");
+        }
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}

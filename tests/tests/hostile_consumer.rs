@@ -395,3 +395,37 @@ async fn an_instance_whose_lane_dies_fails_visibly_and_its_messages_come_back() 
     healthy.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn messages_with_headers_no_client_can_parse_do_not_stop_the_group() {
+    let (env, service) = setup().await;
+    let relay = service.start_relay();
+    let consumer = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx::<LessonPublished, _>(|tx, received| record(tx, received.envelope.id))
+        .start()
+        .await
+        .unwrap();
+    let subject = format!("{}.lesson.published", env.prefix);
+    for headers in [
+        "NATS/1.0\r\nBad Name: x\r\n\r\n",
+        "NATS/1.0\r\nno colon here\r\n\r\n",
+        "NATS/1.0\r\nN\u{e4}me: x\r\n\r\n",
+    ] {
+        edupulse_events_tests::raw_hpub(&env.nats_url, &subject, headers, "garbage").await;
+    }
+    service
+        .emit(LessonPublished { lesson_id: 1 })
+        .await
+        .unwrap();
+    wait_for(
+        WAIT,
+        "the event behind the unparseable messages",
+        || async { consumer.handled() == 1 },
+    )
+    .await;
+    assert_eq!(effects(&service).await, 1);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
