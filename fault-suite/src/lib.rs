@@ -20,6 +20,7 @@
 pub mod checker;
 pub mod child;
 pub mod proxy;
+pub mod scenario;
 pub mod workload;
 
 use edupulse_events::DomainEvent;

@@ -12,16 +12,19 @@
 
 use edupulse_events::{EventService, RelaySettings};
 use edupulse_events_tests::{NatsServer, TestEnv};
-use edupulse_fault_suite::checker::{check, observe, History, Outcome, Report};
+use edupulse_fault_suite::checker::{History, Outcome, Report};
 use edupulse_fault_suite::child::{log_dir, ChildProcess};
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
+use edupulse_fault_suite::scenario::{
+    batchy_plans, len_now, start_workload, wait_progress, writer_plans, Run, Workload, GROUP,
+};
 use edupulse_fault_suite::workload::{
     child_env, config_via, create_tables, database_url_via, direct_pool, effects_consumer,
-    group_state, join_writers, leader, pending, postgres_addr, retried, settle, shared_nats_addr,
+    group_state, join_writers, leader, pending, postgres_addr, retried, shared_nats_addr,
     spawn_writers, stream_len, suite_config, suite_consumer, suite_relay, try_stream_len,
     WriterPlan, WriterStats,
 };
-use edupulse_fault_suite::{Rng, Scale, Tick};
+use edupulse_fault_suite::{Scale, Tick};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,188 +35,6 @@ use uuid::Uuid;
 /// Scenarios run one at a time: each one loads the 2-core machine on its own, and some
 /// measure time.
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-/// The consumer group every scenario checks.
-const GROUP: &str = "effects";
-
-/// A scenario's clock, random schedule and scale.
-struct Run {
-    name: &'static str,
-    scale: Scale,
-    rng: Rng,
-    started: Instant,
-}
-
-impl Run {
-    fn begin(name: &'static str) -> Run {
-        let (rng, seed) = Rng::from_env();
-        let scale = Scale::from_env();
-        println!("[{name}] scale {scale:?}, EDUPULSE_FAULTS_SEED={seed}");
-        Run {
-            name,
-            scale,
-            rng,
-            started: Instant::now(),
-        }
-    }
-
-    fn say(&self, what: impl AsRef<str>) {
-        println!(
-            "[{} +{:.1}s] {}",
-            self.name,
-            self.started.elapsed().as_secs_f64(),
-            what.as_ref()
-        );
-    }
-
-    /// How long the scenario waits for everything to settle at the end.
-    fn settle_limit(&self) -> Duration {
-        self.scale
-            .pick(Duration::from_secs(90), Duration::from_secs(1800))
-    }
-
-    /// Waits until everything settled, then reads and checks everything.
-    async fn finish(
-        &self,
-        check_pool: &PgPool,
-        env: &TestEnv,
-        history: &History,
-        stop_consumer: impl std::future::Future<Output = ()>,
-    ) -> Report {
-        let js = env.jetstream().await;
-        let settled = settle(check_pool, &js, &env.stream, GROUP, self.settle_limit()).await;
-        self.say(format!(
-            "settled: {} after {:.1}s ({})",
-            settled.reached,
-            settled.waited.as_secs_f64(),
-            settled.last
-        ));
-        stop_consumer.await;
-        let observed = observe(check_pool, &js, &env.stream, GROUP).await;
-        let report = check(history, &observed);
-        self.say(format!(
-            "{} — {:.1}s in all",
-            report.summary(),
-            self.started.elapsed().as_secs_f64()
-        ));
-        report
-    }
-}
-
-/// Waits until the relay published something after `before` messages, or has nothing
-/// left to publish; panics after `limit` (the relay did not recover).
-async fn wait_progress(
-    run: &Run,
-    check_pool: &PgPool,
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    before: u64,
-    limit: Duration,
-) {
-    let started = Instant::now();
-    loop {
-        let now = try_stream_len(js, stream).await;
-        if now.is_some_and(|n| n > before) || pending(check_pool).await == 0 {
-            run.say(format!(
-                "publishing again after {:.2}s ({now:?} messages)",
-                started.elapsed().as_secs_f64()
-            ));
-            return;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "the relay did not publish again within {limit:?} after the fault"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Stream length, retried while JetStream recovers.
-async fn len_now(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
-    for _ in 0..200 {
-        if let Some(n) = try_stream_len(js, stream).await {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("stream {stream} did not answer within 20 s");
-}
-
-fn writer_plans(writers: u32, events: u64, over: Duration) -> Vec<WriterPlan> {
-    (0..writers)
-        .map(|w| WriterPlan::new(w, events / u64::from(writers)).paced_over(over))
-        .collect()
-}
-
-/// Like [`writer_plans`], with more and larger batches (so that relay batches are big
-/// enough for a fault to cut one in the middle).
-fn batchy_plans(writers: u32, events: u64, over: Duration) -> Vec<WriterPlan> {
-    (0..writers)
-        .map(|w| {
-            WriterPlan {
-                batch_chance: 0.3,
-                max_batch: 40,
-                op_timeout: Duration::from_secs(10),
-                ..WriterPlan::new(w, events / u64::from(writers))
-            }
-            .paced_over(over)
-        })
-        .collect()
-}
-
-/// What scenarios 2 and 3 start with: the tables, the relay (on `relay_service`), an
-/// in-process consumer (on `consumer_service`) and four writers of 2,000 events (long:
-/// 20,000) paced over 10 s (long: 90 s).
-struct Workload {
-    check_pool: PgPool,
-    relay: edupulse_events::RelayHandle,
-    consumer: edupulse_events::ConsumerHandle,
-    js: async_nats::jetstream::Context,
-    history: Arc<History>,
-    writers: Vec<tokio::task::JoinHandle<WriterStats>>,
-    /// Dropping it tells the writers to stop.
-    _stop: watch::Sender<bool>,
-}
-
-async fn start_workload(
-    run: &mut Run,
-    env: &TestEnv,
-    relay_service: &EventService,
-    consumer_service: &EventService,
-) -> Workload {
-    let check_pool = direct_pool(env).await;
-    create_tables(&check_pool).await;
-    let relay = relay_service.start_relay();
-    let consumer = effects_consumer(consumer_service, GROUP, suite_consumer(), "in-process")
-        .start()
-        .await
-        .expect("start the consumer");
-    let js = env.jetstream().await;
-    let events = run.scale.pick(2_000, 20_000);
-    let history = Arc::new(History::new());
-    let (stop_tx, stop) = watch::channel(false);
-    let writers = spawn_writers(
-        relay_service,
-        writer_plans(
-            4,
-            events,
-            run.scale
-                .pick(Duration::from_secs(10), Duration::from_secs(90)),
-        ),
-        &history,
-        &mut run.rng,
-        &stop,
-    );
-    Workload {
-        check_pool,
-        relay,
-        consumer,
-        js,
-        history,
-        writers,
-        _stop: stop_tx,
-    }
-}
 
 /// 1. The relay process is killed with SIGKILL at random points, many times, while
 ///    writers emit; two relay processes run, and the leader is the one killed.

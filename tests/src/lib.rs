@@ -39,6 +39,8 @@ pub struct TestEnv {
     pub stream: String,
     /// The NATS server the test uses.
     pub nats_url: String,
+    /// The Postgres server's admin URL, where the database was made (and is dropped).
+    pub admin_url: String,
 }
 
 impl TestEnv {
@@ -49,16 +51,22 @@ impl TestEnv {
 
     /// Creates a fresh database; uses the NATS server at `nats_url`.
     pub async fn with_nats(nats_url: String) -> TestEnv {
+        Self::with_servers(admin_url(), nats_url).await
+    }
+
+    /// Creates a fresh database on the Postgres server at `admin` (a superuser's URL,
+    /// e.g. a [`PgServer`]'s); uses the NATS server at `nats_url`.
+    pub async fn with_servers(admin: String, nats_url: String) -> TestEnv {
         let id = unique();
         let db_name = format!("edupulse_test_{id}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url())
+        let mut admin_conn = sqlx::PgConnection::connect(&admin)
             .await
-            .expect("the shared Postgres answers on 127.0.0.1:5432");
+            .expect("the Postgres server answers");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&mut admin)
+            .execute(&mut admin_conn)
             .await
             .expect("create the test database");
-        let base = admin_url();
+        let base = admin.clone();
         let database_url = match base.rfind('/') {
             Some(i) => format!("{}/{db_name}", &base[..i]),
             None => panic!("admin URL without a database: {base}"),
@@ -69,6 +77,7 @@ impl TestEnv {
             prefix: format!("t{id}.events"),
             stream: format!("T{}", id.to_uppercase()),
             nats_url,
+            admin_url: admin,
         }
     }
 
@@ -169,6 +178,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let db_name = self.db_name.clone();
+        let admin = self.admin_url.clone();
         let stream = self.stream.clone();
         let nats_url = self.nats_url.clone();
         // Async work cannot run in Drop; a thread with its own runtime does it.
@@ -180,7 +190,7 @@ impl Drop for TestEnv {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin).await {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
                     )))
@@ -464,5 +474,145 @@ pub async fn raw_hpub(nats_url: &str, subject: &str, header_block: &str, body: &
         if line.starts_with("PONG") {
             return;
         }
+    }
+}
+
+/// A private Postgres server on a free port, with its own data directory and the
+/// settings a test needs (`max_prepared_transactions`, say); stopped and removed when
+/// dropped. The machine's shared server is never touched.
+#[derive(Debug)]
+pub struct PgServer {
+    /// The server's port.
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// Where Postgres' programs are: `pg_config --bindir`, else the newest under
+/// /usr/lib/postgresql.
+fn pg_bindir() -> Option<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").is_file() {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// Runs `program` as the `postgres` user when this process is root (Postgres refuses
+/// to run as root), else as itself.
+fn as_postgres(program: PathBuf) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl PgServer {
+    /// Initialises and starts a server with `settings` (`name=value` each), waiting
+    /// until it accepts connections; `None`, with the reason printed, where Postgres'
+    /// programs are not installed.
+    ///
+    /// # Panics
+    /// If the server cannot be set up or does not start (tests only).
+    pub async fn start(settings: &[&str]) -> Option<PgServer> {
+        let Some(bin) = pg_bindir() else {
+            eprintln!("skipped: Postgres' programs (initdb, postgres) are not installed");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("edupulse-pg-{}", unique()));
+        std::fs::create_dir_all(&dir).expect("create the data directory's parent");
+        let _ = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let data = dir.join("data");
+        let status = as_postgres(bin.join("initdb"))
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed: {status}");
+        let port = free_port();
+        let mut command = as_postgres(bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]);
+        for setting in settings {
+            command.args(["-c", setting]);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postgres");
+        let server = PgServer {
+            port,
+            dir,
+            child: Some(child),
+        };
+        wait_for(
+            Duration::from_secs(30),
+            "the private Postgres to start",
+            || async {
+                sqlx::PgConnection::connect(&server.admin_url())
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        Some(server)
+    }
+
+    /// A superuser's URL of the server's `postgres` database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT: a fast shutdown; it ends the server's connections.
+            signal(child.id(), "INT");
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -479,9 +479,22 @@ async fn guarded(
             "the handler panicked: {}",
             panic_message(panic.as_ref())
         ))),
-        Err(_) => Err(Outcome::Failed(format!(
-            "the handler did not finish within handler_timeout ({limit:?})"
-        ))),
+        Err(_) => Err(timed_out(ctx, limit).await),
+    }
+}
+
+/// The outcome of a handler that did not finish in time: its failure, unless Postgres
+/// does not answer either (a stalled connection, say), which is not the handler's
+/// fault.
+async fn timed_out(ctx: &Ctx, limit: Duration) -> Outcome {
+    let why = format!("the handler did not finish within handler_timeout ({limit:?})");
+    let probe = sqlx::query("SELECT 1")
+        .execute(&ctx.inner.pool)
+        .within(ctx.settings.statement_timeout)
+        .await;
+    match probe {
+        Ok(_) => Outcome::Failed(why),
+        Err(error) => Outcome::Unavailable(format!("{why}, and Postgres does not answer: {error}")),
     }
 }
 

@@ -41,7 +41,10 @@ pub(super) const FENCE_AND_HOLDERS: &str = formatcp!(
     "SELECT s.last_value, ({HOLDERS} AND s.last_value IS NOT NULL) FROM {OUTBOX_SEQ} AS s"
 );
 
-/// How many of the transactions `$1` still hold the outbox's lock.
+/// How many of the transactions `$1` still hold the outbox's lock, counting any
+/// prepared transaction (a writer waited for may PREPARE meanwhile, which gives it
+/// another virtual id and no backend) but those given up on (`$2`): an orphaned
+/// prepared transaction must not make every later wait last `order_wait_limit`.
 const STILL_HOLDING: &str = formatcp!(
     "SELECT count(*)
 FROM pg_catalog.pg_locks
@@ -49,8 +52,18 @@ WHERE locktype = 'relation'
   AND database = (SELECT oid FROM pg_catalog.pg_database
                   WHERE datname = pg_catalog.current_database())
   AND relation = '{OUTBOX}'::regclass
-  AND (virtualtransaction = ANY($1) OR pid IS NULL)"
+  AND (virtualtransaction = ANY($1)
+       OR (pid IS NULL AND NOT virtualtransaction = ANY($2)))"
 );
+
+/// The virtual ids of the transactions prepared longer than `$1` µs ago: orphaned, or
+/// as good as, and given up on at once rather than waited for.
+const PREPARED_LONG_AGO: &str = "\
+SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{}')
+FROM pg_catalog.pg_prepared_xacts AS p
+JOIN pg_catalog.pg_locks AS l
+  ON l.locktype = 'transactionid' AND l.transactionid = p.transaction
+WHERE p.prepared < pg_catalog.now() - $1 * interval '1 microsecond'";
 
 /// A transaction's virtual id, as `pg_locks.virtualtransaction` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, sqlx::Type)]
@@ -145,11 +158,18 @@ impl Fence {
         if waiting.is_empty() {
             return Ok(false);
         }
+        self.give_up_on_old_prepared(conn, settings, &mut waiting)
+            .await?;
+        if waiting.is_empty() {
+            return Ok(false);
+        }
+        let given_up: Vec<Vxid> = self.given_up.iter().cloned().collect();
         let deadline = Instant::now() + settings.order_wait_limit;
         let mut pace = Pace::default();
         loop {
             let still: i64 = sqlx::query_scalar(STILL_HOLDING)
                 .bind(&waiting)
+                .bind(&given_up)
                 .fetch_one(&mut *conn)
                 .within(settings.statement_timeout)
                 .await?;
@@ -174,6 +194,37 @@ impl Fence {
                 return Ok(true);
             }
         }
+    }
+}
+
+impl Fence {
+    /// Moves the transactions among `waiting` that were prepared longer than
+    /// `order_wait_limit` ago to the given-up ones: no one may ever commit them.
+    async fn give_up_on_old_prepared(
+        &mut self,
+        conn: &mut PgConnection,
+        settings: &RelaySettings,
+        waiting: &mut Vec<Vxid>,
+    ) -> Result<(), sqlx::Error> {
+        let old: Vec<Vxid> = sqlx::query_scalar(PREPARED_LONG_AGO)
+            .bind(i64::try_from(settings.order_wait_limit.as_micros()).unwrap_or(i64::MAX))
+            .fetch_one(&mut *conn)
+            .within(settings.statement_timeout)
+            .await?;
+        let (orphans, rest): (Vec<Vxid>, Vec<Vxid>) =
+            waiting.drain(..).partition(|vxid| old.contains(vxid));
+        *waiting = rest;
+        if !orphans.is_empty() {
+            tracing::warn!(
+                transactions = ?orphans,
+                "a transaction prepared longer than order_wait_limit ago holds outbox \
+                 events; publishing later events ahead of them (COMMIT PREPARED or \
+                 ROLLBACK PREPARED it: see pg_prepared_xacts)"
+            );
+            self.given_up.extend(orphans);
+            self.held = true;
+        }
+        Ok(())
     }
 }
 
