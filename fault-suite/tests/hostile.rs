@@ -57,7 +57,7 @@ async fn s9_another_publisher_on_the_prefix() {
             while !stop.load(Ordering::SeqCst) {
                 ticker.tick().await;
                 n += 1;
-                let (subject, count) = if n % 2 == 0 {
+                let (subject, count) = if n.is_multiple_of(2) {
                     (format!("{prefix}.other.stuff"), &elsewhere)
                 } else {
                     // A subject of the group's (Tick's `fault.{writer}`, a writer no one is).
