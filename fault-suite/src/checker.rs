@@ -15,7 +15,7 @@
 //!   there, events published out of outbox sequence order.
 
 use crate::Tick;
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use futures::StreamExt;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -196,38 +196,45 @@ pub async fn observe(
 /// If the stream cannot be read within a minute plus a second per 2,000 messages.
 pub async fn drain_stream(js: &jetstream::Context, stream: &str) -> (Vec<StreamEntry>, usize) {
     let mut handle = js.get_stream(stream).await.expect("the stream exists");
-    let (count, last) = {
+    let (first, last, count) = {
         let state = &handle.info().await.expect("stream info").state;
-        (state.messages, state.last_sequence)
+        (state.first_sequence, state.last_sequence, state.messages)
     };
     if count == 0 {
         return (Vec::new(), 0);
     }
-    let reader = handle
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("an ordered consumer");
-    let mut messages = reader.messages().await.expect("read the stream");
+    // Each message by its sequence, not through a consumer: a message whose headers
+    // no client can parse makes async-nats drop a consumer's connection, while a
+    // direct read of it only fails (and counts as undecodable).
     let limit = Duration::from_secs(60 + count / 2_000);
-    let deadline = tokio::time::Instant::now() + limit;
+    let reads = futures::stream::iter(first..=last)
+        .map(|sequence| {
+            let handle = &handle;
+            async move { (sequence, handle.get_raw_message(sequence).await) }
+        })
+        .buffered(64)
+        .collect::<Vec<_>>();
+    let reads = tokio::time::timeout(limit, reads)
+        .await
+        .unwrap_or_else(|_| panic!("the stream is read within {limit:?}"));
     let mut out = Vec::with_capacity(count as usize);
     let mut undecodable = 0;
-    let mut seen = 0u64;
-    while seen < count {
-        let message = tokio::time::timeout_at(deadline, messages.next())
-            .await
-            .unwrap_or_else(|_| panic!("the stream is read within {limit:?} ({seen}/{count})"))
-            .expect("the stream goes on")
-            .expect("a message");
-        seen += 1;
-        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    for (stream_seq, read) in reads {
+        let message = match read {
+            Ok(message) => message,
+            Err(error)
+                if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                continue;
+            }
+            Err(_) => {
+                undecodable += 1;
+                continue;
+            }
+        };
         let id = message
             .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
+            .get("Nats-Msg-Id")
             .and_then(|v| v.as_str().parse::<Uuid>().ok());
         match (id, serde_json::from_slice::<Tick>(&message.payload)) {
             (Some(id), Ok(tick)) => out.push(StreamEntry {
@@ -236,9 +243,6 @@ pub async fn drain_stream(js: &jetstream::Context, stream: &str) -> (Vec<StreamE
                 key: (tick.writer, tick.counter),
             }),
             _ => undecodable += 1,
-        }
-        if stream_seq >= last {
-            break;
         }
     }
     (out, undecodable)

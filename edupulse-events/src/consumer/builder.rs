@@ -9,6 +9,7 @@ use super::fetch::run;
 use super::inbox;
 use super::route::{any_overlap, unbox, Call, PlainCall, Route, Routes, TxCall};
 use super::settings::ConsumerSettings;
+use super::undeliverable;
 use super::{ConsumerError, ConsumerHandle};
 use crate::service::{EventService, Inner};
 use crate::DomainEvent;
@@ -149,7 +150,16 @@ impl ConsumerBuilder {
         let multi_filter = server_at_least(&inner.nats, 2, 10);
         let prefix = &inner.config.subject_prefix;
         let config = consumer_config(&group, &settings, prefix, routes.filters(), multi_filter);
-        let consumer = create_durable(&inner, &group, config).await?;
+        // A connection of the group's own: a message the client cannot read drops
+        // the connection it arrives on, and must not take the relay's with it.
+        let nats = crate::service::nats::connect(&inner.config)
+            .await
+            .map_err(|e| ConsumerError::JetStream {
+                group: group.clone(),
+                stream: inner.config.stream.clone(),
+                reason: e.to_string(),
+            })?;
+        let consumer = create_durable(&inner, &nats, &group, config).await?;
 
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
@@ -163,13 +173,23 @@ impl ConsumerBuilder {
             crash: tokio::sync::Notify::new(),
             queued: Mutex::new(BTreeSet::new()),
             failure: tokio::sync::watch::Sender::new(None),
+            nats: nats.clone(),
         });
+        let listener = undeliverable::spawn_listener(ctx.clone(), nats)
+            .await
+            .map_err(|e| ConsumerError::JetStream {
+                group: group.clone(),
+                stream: ctx.inner.config.stream.clone(),
+                reason: format!("cannot listen for max-deliveries advisories: {e}"),
+            })?;
         let failure = ctx.failure.subscribe();
         tracing::info!(group = %group, "consumer started");
-        let task = tokio::spawn(run(ctx, consumer, stop_rx).instrument(tracing::info_span!(
-            "edupulse.consumer",
-            group = %group
-        )));
+        let task = tokio::spawn(run(ctx, consumer, stop_rx, listener).instrument(
+            tracing::info_span!(
+                "edupulse.consumer",
+                group = %group
+            ),
+        ));
         Ok(ConsumerHandle {
             group,
             stop,
@@ -210,9 +230,10 @@ fn consumer_config(
         description: Some(format!("edupulse-events consumer group {group}")),
         ack_policy: AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
-        // Deliveries are counted and dead-lettered here; the server never gives up
-        // on a message by itself, so none disappears silently.
-        max_deliver: -1,
+        // Handler failures are counted and dead-lettered in the lanes. The server's
+        // bound is for a message the client cannot read at all: past it the server
+        // gives up, and the group records it from its advisory (`undeliverable`).
+        max_deliver: i64::from(settings.max_redeliveries),
         max_ack_pending: settings.max_ack_pending(),
         deliver_policy: settings.start_from.deliver_policy(),
         ..Default::default()
@@ -231,6 +252,7 @@ fn consumer_config(
 /// Creates the durable consumer, or updates it to `config`.
 async fn create_durable(
     inner: &Inner,
+    nats: &async_nats::Client,
     group: &str,
     config: pull::Config,
 ) -> Result<PullConsumer, ConsumerError> {
@@ -239,8 +261,7 @@ async fn create_durable(
         stream: inner.config.stream.clone(),
         reason,
     };
-    let stream = inner
-        .jetstream
+    let stream = async_nats::jetstream::new(nats.clone())
         .get_stream(&inner.config.stream)
         .await
         .map_err(|e| js_error(e.to_string()))?;

@@ -58,6 +58,8 @@ pub(super) struct Ctx {
     /// Why the instance failed (a lane died), once it has: the fetch loop stops, and
     /// the handle reports it.
     pub failure: tokio::sync::watch::Sender<Option<String>>,
+    /// The group's own NATS connection: pulls, acks and progress.
+    pub nats: async_nats::Client,
 }
 
 impl Ctx {
@@ -134,7 +136,7 @@ impl Ctx {
         if waiting.is_empty() {
             return;
         }
-        let client = self.inner.jetstream.client();
+        let client = &self.nats;
         for reply in waiting {
             let _ = client
                 .publish(reply, bytes::Bytes::from(AckKind::Progress))

@@ -13,7 +13,7 @@ use crate::wire::headers;
 use async_nats::jetstream::{AckKind, Message};
 use const_format::formatcp;
 use sqlx::postgres::PgRow;
-use sqlx::Row;
+use sqlx::Row as _;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
@@ -56,20 +56,25 @@ pub enum DeadReason {
     /// The handler (or the event type's `Deserialize`) panicked on every delivery, up
     /// to `max_deliveries` (`handler_panicked`).
     HandlerPanicked,
+    /// JetStream delivered the message `max_redeliveries` times and never got an
+    /// answer: the client could not even read it (headers no client can parse, say).
+    /// Recorded from the stream, raw (`undeliverable`).
+    Undeliverable,
 }
 
 impl DeadReason {
     /// Every reason, in declaration order.
-    const ALL: [DeadReason; 5] = [
+    const ALL: [DeadReason; 6] = [
         DeadReason::HandlerFailed,
         DeadReason::Undecodable,
         DeadReason::UnknownEvent,
         DeadReason::UnknownVersion,
         DeadReason::HandlerPanicked,
+        DeadReason::Undeliverable,
     ];
 
     /// The text the dead-letter table stores: `handler_failed`, `undecodable`,
-    /// `unknown_event`, `unknown_version` or `handler_panicked`.
+    /// `unknown_event`, `unknown_version`, `handler_panicked` or `undeliverable`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::HandlerFailed => "handler_failed",
@@ -77,6 +82,7 @@ impl DeadReason {
             DeadReason::UnknownEvent => "unknown_event",
             DeadReason::UnknownVersion => "unknown_version",
             DeadReason::HandlerPanicked => "handler_panicked",
+            DeadReason::Undeliverable => "undeliverable",
         }
     }
 }
@@ -102,7 +108,7 @@ impl FromStr for DeadReason {
 /// Text that names no [`DeadReason`]: a record written by a newer version of the
 /// library, say.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dead-letter reason {0:?}; this version of edupulse-events knows handler_failed, undecodable, unknown_event, unknown_version and handler_panicked")]
+#[error("unknown dead-letter reason {0:?}; this version of edupulse-events knows handler_failed, undecodable, unknown_event, unknown_version, handler_panicked and undeliverable")]
 pub struct ParseDeadReasonError(String);
 
 impl ParseDeadReasonError {
@@ -204,7 +210,7 @@ async fn terminate(message: &Message) {
 
 /// Text Postgres can store: a NUL (which `text` and `jsonb` refuse) becomes U+FFFD.
 /// The raw bytes are kept apart (`payload`, `raw_headers`).
-fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+pub(super) fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
     } else {
@@ -259,27 +265,77 @@ async fn write(
     readable: &serde_json::Value,
     raw: &[u8],
 ) -> Result<(), sqlx::Error> {
-    let name = record
-        .envelope
-        .map(|e| e.name.as_str())
-        .or(header(message, headers::TYPE))
-        .map(storable);
+    let row = Row {
+        reason: record.reason,
+        why: record.why,
+        event_id: record.event_id(message),
+        event_name: record
+            .envelope
+            .map(|e| e.name.as_str())
+            .or(header(message, headers::TYPE)),
+        subject: message.subject.as_str(),
+        sequence: record.sequence,
+        deliveries: record.deliveries,
+        headers: readable,
+        payload: message.payload.as_ref(),
+        raw_headers: raw,
+    };
+    insert(ctx, &row).await
+}
+
+/// One dead-letter record, as written.
+pub(super) struct Row<'a> {
+    pub reason: DeadReason,
+    pub why: &'a str,
+    pub event_id: Option<Uuid>,
+    pub event_name: Option<&'a str>,
+    pub subject: &'a str,
+    pub sequence: u64,
+    pub deliveries: u32,
+    /// The headers, readable (a JSON object of storable texts).
+    pub headers: &'a serde_json::Value,
+    pub payload: &'a [u8],
+    /// The header block as received.
+    pub raw_headers: &'a [u8],
+}
+
+/// Inserts one record (texts made storable), within the statement deadline.
+pub(super) async fn insert(ctx: &Ctx, row: &Row<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(INSERT_DEAD_LETTER)
         .bind(storable(&ctx.group))
-        .bind(record.reason.as_str())
-        .bind(storable(record.why))
-        .bind(record.event_id(message))
-        .bind(name)
-        .bind(storable(message.subject.as_str()))
-        .bind(i64::try_from(record.sequence).unwrap_or(i64::MAX))
-        .bind(i32::try_from(record.deliveries).unwrap_or(i32::MAX))
-        .bind(readable)
-        .bind(message.payload.as_ref())
-        .bind(raw)
+        .bind(row.reason.as_str())
+        .bind(storable(row.why))
+        .bind(row.event_id)
+        .bind(row.event_name.map(storable))
+        .bind(storable(row.subject))
+        .bind(i64::try_from(row.sequence).unwrap_or(i64::MAX))
+        .bind(i32::try_from(row.deliveries).unwrap_or(i32::MAX))
+        .bind(row.headers)
+        .bind(row.payload)
+        .bind(row.raw_headers)
         .execute(&ctx.inner.pool)
         .within(ctx.settings.statement_timeout)
         .await?;
     Ok(())
+}
+
+/// A header block read as text, line by line (`name: value`), into a JSON object of
+/// storable texts; what does not parse is kept as a name with an empty value.
+pub(super) fn readable_headers(raw: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(raw);
+    let headers: serde_json::Map<String, serde_json::Value> = text
+        .lines()
+        .skip(1)
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            (
+                storable(name.trim()).into_owned(),
+                serde_json::Value::from(storable(value.trim()).into_owned()),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(headers)
 }
 
 impl DeadRecord<'_> {

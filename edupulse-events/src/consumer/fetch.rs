@@ -34,8 +34,13 @@ const PULL_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs an instance: fetches until told to stop (or the simulated crash), then shuts
 /// its lanes down.
-pub(super) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, stop: watch::Receiver<bool>) {
-    let mut fetcher = Fetcher::start(ctx, consumer, stop);
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+    listener: JoinHandle<()>,
+) {
+    let mut fetcher = Fetcher::start(ctx, consumer, stop, listener);
     fetcher.fetch().await;
     fetcher.shut_down().await;
 }
@@ -76,18 +81,26 @@ struct Fetcher {
     lanes: Lanes,
     /// Prunes the inbox in the background.
     pruner: JoinHandle<()>,
+    /// Records the messages JetStream gave up delivering (see `undeliverable`).
+    listener: JoinHandle<()>,
     /// Tells when the instance has failed (a lane died).
     failure: watch::Receiver<Option<String>>,
 }
 
 impl Fetcher {
     /// Starts the lanes and the inbox pruner.
-    fn start(ctx: Arc<Ctx>, consumer: PullConsumer, stop: watch::Receiver<bool>) -> Fetcher {
+    fn start(
+        ctx: Arc<Ctx>,
+        consumer: PullConsumer,
+        stop: watch::Receiver<bool>,
+        listener: JoinHandle<()>,
+    ) -> Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
         let failure = ctx.failure.subscribe();
         Fetcher {
             failure,
+            listener,
             ctx,
             consumer,
             stop,
@@ -231,6 +244,7 @@ impl Fetcher {
     /// `shutdown_timeout`) and flushes the acks.
     async fn shut_down(mut self) {
         self.pruner.abort();
+        self.listener.abort();
         if !self.ctx.crashed() {
             // Not handed to a lane: back to JetStream, like the lanes' queued messages.
             for message in self.gate.take_held() {
@@ -242,7 +256,7 @@ impl Fetcher {
         self.lanes.close(&self.ctx, deadline).await;
         if !self.ctx.crashed() {
             // Acks are published without waiting; make sure they left.
-            let _ = self.ctx.inner.nats.flush().await;
+            let _ = self.ctx.nats.flush().await;
         }
         tracing::info!("consumer stopped");
     }

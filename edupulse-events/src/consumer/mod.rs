@@ -48,6 +48,7 @@ mod inbox;
 mod lane;
 mod route;
 mod settings;
+mod undeliverable;
 
 pub use builder::ConsumerBuilder;
 pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError};

@@ -80,6 +80,13 @@ pub struct ConsumerSettings {
     /// dead-letter record) may take before its connection is taken for dead; such a
     /// failure is retried without counting as a delivery. Default 30 s.
     pub statement_timeout: Duration,
+    /// How many times JetStream delivers one message without an answer before it
+    /// gives up and the group records it as a dead letter (`undeliverable`), read raw
+    /// from the stream: for a message the client cannot even read (headers no client
+    /// can parse), which would otherwise come back after every `ack_wait` for ever.
+    /// Handler retries happen in the lane and do not count; redeliveries after an
+    /// instance died or handed messages back at shutdown do. At least 2. Default 20.
+    pub max_redeliveries: u32,
 }
 
 impl Default for ConsumerSettings {
@@ -96,6 +103,7 @@ impl Default for ConsumerSettings {
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             handler_timeout: Duration::from_secs(300),
             statement_timeout: Duration::from_secs(30),
+            max_redeliveries: 20,
         }
     }
 }
@@ -113,6 +121,12 @@ impl ConsumerSettings {
             return Err(ConsumerError::Settings(
                 "max_deliveries, fetch_batch and ack_wait must be more than zero".to_owned(),
             ));
+        }
+        if self.max_redeliveries < 2 {
+            return Err(ConsumerError::Settings(format!(
+                "max_redeliveries {} is out of range; use 2 or more (default 20)",
+                self.max_redeliveries
+            )));
         }
         if self.fetch_batch > MAX_FETCH_BATCH {
             return Err(ConsumerError::Settings(format!(

@@ -1,7 +1,7 @@
 //! [`EventService`]: the connection to Postgres and NATS that emits events and runs the
 //! relay.
 
-mod nats;
+pub(crate) mod nats;
 mod stream;
 
 use crate::config::{redact_text, Config};

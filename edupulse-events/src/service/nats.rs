@@ -4,7 +4,7 @@
 use super::ConnectError;
 use crate::config::{redact_text, split_nats_credentials, Config, NatsAuth, UrlCredentials};
 
-pub(super) async fn connect(config: &Config) -> Result<async_nats::Client, ConnectError> {
+pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, ConnectError> {
     let nats_error = |reason: String| ConnectError::Nats {
         target: config.nats_url_redacted(),
         reason: redact_text(&reason, &config.nats_url),
