@@ -103,14 +103,25 @@ async fn s9_another_publisher_on_the_prefix() {
 
 /// 10. Poison messages in the middle of a subject's events: on writer 0's subject, a
 ///     message with NUL bytes in a header and in its body, and messages whose headers
-///     no client can parse, sent raw. They are dead-lettered (or skipped), and writer
-///     0's events behind them are handled, in order.
+///     no client can parse, sent raw (each drops the connection it arrives on, until
+///     JetStream gives it up after `max_redeliveries`). Each becomes a dead letter,
+///     and writer 0's events behind them are handled, once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_poison_messages_in_the_middle_of_a_subject() {
     let _serial = SERIAL.lock().await;
     let mut run = Run::begin("s10-poison");
     let env = TestEnv::new().await;
     let service = env.service_with(suite_config(&env)).await;
+    // A message no client can read is given up after three deliveries.
+    let consumer = edupulse_fault_suite::workload::effects_consumer(
+        &service,
+        GROUP,
+        ConsumerSettings {
+            max_redeliveries: 3,
+            ..suite_consumer()
+        },
+        "in-process",
+    );
     let Workload {
         check_pool,
         relay,
@@ -119,7 +130,7 @@ async fn s10_poison_messages_in_the_middle_of_a_subject() {
         history,
         writers,
         _stop,
-    } = start_workload(&mut run, &env, &service, &service).await;
+    } = start_workload_with(&mut run, &env, &service, consumer).await;
     let subject = format!("{}.fault.0", env.prefix);
     let mut poison = 0u64;
     let mut nul = 0u64;
@@ -154,10 +165,22 @@ async fn s10_poison_messages_in_the_middle_of_a_subject() {
         })
         .await;
     relay.shutdown().await.expect("relay shutdown");
+    let undeliverable: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM edupulse.dead_letters WHERE reason = 'undeliverable'",
+    )
+    .fetch_one(&check_pool)
+    .await
+    .expect("count");
+    run.say(format!(
+        "{undeliverable} dead letters for messages no client could read"
+    ));
     report.assert_clean_except(&["undecodable messages", "dead letters"]);
     assert_eq!(report.undecodable as u64, poison, "{report}");
-    assert!(report.dead_letters as u64 >= nul, "{report}");
-    assert!(report.dead_letters as u64 <= poison, "{report}");
+    assert_eq!(
+        report.dead_letters as u64, poison,
+        "each poison message is a dead letter\n{report}"
+    );
+    assert_eq!(undeliverable as u64, poison - nul, "{report}");
 }
 
 /// 11. A handler panics on the first delivery of one event in fifty: each is retried

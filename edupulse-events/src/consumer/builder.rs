@@ -334,7 +334,10 @@ mod tests {
         );
         assert_eq!(config.ack_policy, AckPolicy::Explicit);
         assert_eq!(config.ack_wait, Duration::from_secs(7));
-        assert_eq!(config.max_deliver, 20, "the server-side bound: max_redeliveries");
+        assert_eq!(
+            config.max_deliver, 20,
+            "the server-side bound: max_redeliveries"
+        );
         assert_eq!(config.max_ack_pending, 40);
         assert_eq!(config.deliver_policy, DeliverPolicy::New);
     }
