@@ -429,3 +429,40 @@ async fn messages_with_headers_no_client_can_parse_do_not_stop_the_group() {
     consumer.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_handler_that_never_finishes_is_abandoned_at_handler_timeout_and_the_subject_goes_on() {
+    let (_env, service) = setup().await;
+    let relay = service.start_relay();
+    let consumer = service
+        .consumer("grading")
+        .settings(ConsumerSettings {
+            handler_timeout: Duration::from_millis(300),
+            max_deliveries: 2,
+            ..fast()
+        })
+        .on_tx::<LessonPublished, _>(|tx, received| {
+            Box::pin(async move {
+                if received.event.lesson_id == 1 {
+                    // Stuck for ever (a call that never answers), holding the transaction.
+                    std::future::pending::<()>().await;
+                }
+                record(tx, received.envelope.id).await
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    service.emit(LessonPublished { lesson_id: 1 }).await.unwrap();
+    service.emit(LessonPublished { lesson_id: 2 }).await.unwrap();
+    wait_for(WAIT, "the event behind the stuck one", || async {
+        consumer.handled() == 1 && consumer.dead_lettered() == 1
+    })
+    .await;
+    let dead = service.dead_letters("grading", 10).await.unwrap();
+    assert_eq!(dead[0].reason, DeadReason::HandlerFailed);
+    assert!(dead[0].error.contains("handler_timeout"), "{}", dead[0].error);
+    assert_eq!(effects(&service).await, 1, "the stuck handler's transaction rolled back");
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
