@@ -453,16 +453,30 @@ async fn a_handler_that_never_finishes_is_abandoned_at_handler_timeout_and_the_s
         .start()
         .await
         .unwrap();
-    service.emit(LessonPublished { lesson_id: 1 }).await.unwrap();
-    service.emit(LessonPublished { lesson_id: 2 }).await.unwrap();
+    service
+        .emit(LessonPublished { lesson_id: 1 })
+        .await
+        .unwrap();
+    service
+        .emit(LessonPublished { lesson_id: 2 })
+        .await
+        .unwrap();
     wait_for(WAIT, "the event behind the stuck one", || async {
         consumer.handled() == 1 && consumer.dead_lettered() == 1
     })
     .await;
     let dead = service.dead_letters("grading", 10).await.unwrap();
     assert_eq!(dead[0].reason, DeadReason::HandlerFailed);
-    assert!(dead[0].error.contains("handler_timeout"), "{}", dead[0].error);
-    assert_eq!(effects(&service).await, 1, "the stuck handler's transaction rolled back");
+    assert!(
+        dead[0].error.contains("handler_timeout"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(
+        effects(&service).await,
+        1,
+        "the stuck handler's transaction rolled back"
+    );
     consumer.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }

@@ -44,6 +44,7 @@ mod dead_letter;
 mod envelope;
 mod fetch;
 mod gate;
+mod handle;
 mod inbox;
 mod lane;
 mod route;

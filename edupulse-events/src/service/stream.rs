@@ -180,15 +180,20 @@ mod tests {
             .expect("a valid config")
     }
 
-    #[test]
-    fn a_matching_stream_has_no_differences_and_each_mismatch_is_named() {
-        let config = config();
-        let good = stream::Config {
+    /// The stream `connect` would create for `config`.
+    fn matching(config: &Config) -> stream::Config {
+        stream::Config {
             name: "ACME".into(),
             subjects: vec!["acme.events.>".into()],
             duplicate_window: config.duplicate_window,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_matching_stream_has_no_differences_and_each_mismatch_is_named() {
+        let config = config();
+        let good = matching(&config);
         assert!(differences(&config, &good).is_empty());
         let bad = stream::Config {
             subjects: vec!["other.>".into()],
@@ -206,12 +211,7 @@ mod tests {
     #[test]
     fn a_stream_that_can_drop_unread_events_is_refused_unless_accepted() {
         let config = config();
-        let good = stream::Config {
-            name: "ACME".into(),
-            subjects: vec!["acme.events.>".into()],
-            duplicate_window: config.duplicate_window,
-            ..Default::default()
-        };
+        let good = matching(&config);
         let lossy = [
             (
                 stream::Config {
