@@ -397,31 +397,59 @@ async fn an_instance_whose_lane_dies_fails_visibly_and_its_messages_come_back() 
 }
 
 #[tokio::test]
-async fn messages_with_headers_no_client_can_parse_do_not_stop_the_group() {
+async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_letters() {
     let (env, service) = setup().await;
     let relay = service.start_relay();
+    // Such a message drops the connection it arrives on, so the group never sees it:
+    // JetStream gives it up after `max_redeliveries`, and the group records it raw.
     let consumer = service
         .consumer("grading")
-        .settings(fast())
+        .settings(ConsumerSettings {
+            ack_wait: Duration::from_secs(1),
+            max_redeliveries: 2,
+            ..fast()
+        })
         .on_tx::<LessonPublished, _>(|tx, received| record(tx, received.envelope.id))
         .start()
         .await
         .unwrap();
     let subject = format!("{}.lesson.published", env.prefix);
-    for headers in [
+    let blocks = [
         "NATS/1.0\r\nBad Name: x\r\n\r\n",
         "NATS/1.0\r\nno colon here\r\n\r\n",
         "NATS/1.0\r\nN\u{e4}me: x\r\n\r\n",
-    ] {
-        edupulse_events_tests::raw_hpub(&env.nats_url, &subject, headers, "garbage").await;
+    ];
+    for block in blocks {
+        edupulse_events_tests::raw_hpub(&env.nats_url, &subject, block, "garbage").await;
     }
+    wait_for(WAIT, "three undeliverable dead letters", || async {
+        service
+            .dead_letters("grading", 10)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|d| d.reason == DeadReason::Undeliverable)
+            .count()
+            == 3
+    })
+    .await;
+    let raw: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT raw_headers FROM edupulse.dead_letters ORDER BY stream_sequence",
+    )
+    .fetch_all(service.pool())
+    .await
+    .unwrap();
+    let raw: Vec<&[u8]> = raw.iter().map(Vec::as_slice).collect();
+    let expected: Vec<&[u8]> = blocks.iter().map(|b| b.as_bytes()).collect();
+    assert_eq!(raw, expected, "kept as the stream holds them");
+    // The group goes on.
     service
         .emit(LessonPublished { lesson_id: 1 })
         .await
         .unwrap();
     wait_for(
         WAIT,
-        "the event behind the unparseable messages",
+        "the event after the undeliverable messages",
         || async { consumer.handled() == 1 },
     )
     .await;

@@ -11,7 +11,6 @@ use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
 use std::ops::ControlFlow;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -86,10 +85,6 @@ struct Fetcher {
     listener: JoinHandle<()>,
     /// Tells when the instance has failed (a lane died).
     failure: watch::Receiver<Option<String>>,
-    /// How many times the group's connection had connected when last looked at.
-    connects: u64,
-    /// Until when to pull one message at a time, after the connection dropped.
-    careful_until: Option<Instant>,
 }
 
 impl Fetcher {
@@ -103,10 +98,7 @@ impl Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
         let failure = ctx.failure.subscribe();
-        let connects = ctx.nats.statistics().connects.load(Ordering::Relaxed);
         Fetcher {
-            connects,
-            careful_until: None,
             failure,
             listener,
             ctx,
@@ -149,15 +141,10 @@ impl Fetcher {
             }
         };
         self.gate.arm(info.as_ref(), self.ctx.settings.ack_wait);
-        let batch = if self.careful_until.is_some() {
-            1
-        } else {
-            self.ctx.settings.fetch_batch
-        };
         let messages = self
             .consumer
             .stream()
-            .max_messages_per_batch(batch)
+            .max_messages_per_batch(self.ctx.settings.fetch_batch)
             .heartbeat(PULL_HEARTBEAT)
             .expires(PULL_EXPIRES)
             .messages()
@@ -186,10 +173,6 @@ impl Fetcher {
                 Woke::Message(message) => self.on_message(*message)?,
             }
             self.release()?;
-            if self.careful_changed() {
-                // Pull anew, one message at a time or a whole batch again.
-                return ControlFlow::Continue(());
-            }
         }
     }
 
@@ -218,36 +201,6 @@ impl Fetcher {
                 self.ctx.progress_queued().await;
                 Woke::Tick
             }
-        }
-    }
-
-    /// Whether to start or stop pulling one message at a time. A message the client
-    /// cannot read (headers no client can parse) drops the connection it arrives on,
-    /// and the messages read with it are lost and delivered again together with it:
-    /// one at a time, the others are handled, and only it comes back, until
-    /// `max_redeliveries` makes JetStream give it up (see `undeliverable`). So after
-    /// the connection dropped, for twice `ack_wait`, pull one at a time.
-    fn careful_changed(&mut self) -> bool {
-        let connects = self.ctx.nats.statistics().connects.load(Ordering::Relaxed);
-        if connects > self.connects {
-            self.connects = connects;
-            let first = self.careful_until.is_none();
-            self.careful_until = Some(Instant::now() + self.ctx.settings.ack_wait * 2);
-            if first {
-                tracing::info!(
-                    group = %self.ctx.group,
-                    "the group's NATS connection dropped; pulling one message at a time for a while"
-                );
-            }
-            return first;
-        }
-        match self.careful_until {
-            Some(until) if Instant::now() >= until => {
-                self.careful_until = None;
-                tracing::info!(group = %self.ctx.group, "pulling whole batches again");
-                true
-            }
-            _ => false,
         }
     }
 
