@@ -7,7 +7,7 @@
 //! dead letters), each counted.
 
 use edupulse_events::{ConsumerSettings, RelaySettings};
-use edupulse_events_tests::TestEnv;
+use edupulse_events_tests::{raw_hpub, TestEnv};
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
 use edupulse_fault_suite::scenario::{start_workload, start_workload_with, Run, Workload, GROUP};
 use edupulse_fault_suite::workload::{
@@ -101,12 +101,12 @@ async fn s9_another_publisher_on_the_prefix() {
     assert!(status.foreign_messages > 0, "{status:?}");
 }
 
-/// 10. Poison messages in the middle of a subject's events: on writer 0's subject,
-///     messages with NUL bytes in a header and in the body. Each becomes a dead letter,
-///     and writer 0's events behind them are handled, once and in order. (Messages
-///     whose headers no client can parse are not part of this scenario: async-nats
-///     drops the connection they arrive on, and the events read with them come back
-///     with them; see the README's known limits.)
+/// 10. Poison messages in the middle of a subject's events: on writer 0's subject, in
+///     turn, a message with NUL bytes in a header and in the body, one with a header
+///     name no client can parse (async-nats drops the connection it arrives on), and
+///     one with a lone carriage return in a header value (async-nats's reader panics
+///     on it, and the instance goes on with a new client). Each becomes a dead letter,
+///     and writer 0's events around them are handled, once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_poison_messages_in_the_middle_of_a_subject() {
     let _serial = SERIAL.lock().await;
@@ -126,16 +126,28 @@ async fn s10_poison_messages_in_the_middle_of_a_subject() {
     let mut poison = 0u64;
     while !writers.iter().all(|w| w.is_finished()) {
         tokio::time::sleep(run.rng.millis(200, 600)).await;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("ce-specversion", "1.0");
-        headers.insert("ce-id", Uuid::now_v7().to_string().as_str());
-        headers.insert("ce-type", "fault.tick");
-        headers.insert("x-poison", "nul\u{0}byte");
-        js.publish_with_headers(subject.clone(), headers, "{\"writer\":\u{0}}".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+        match poison % 3 {
+            0 => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("ce-specversion", "1.0");
+                headers.insert("ce-id", Uuid::now_v7().to_string().as_str());
+                headers.insert("ce-type", "fault.tick");
+                headers.insert("x-poison", "nul\u{0}byte");
+                js.publish_with_headers(subject.clone(), headers, "{\"writer\":\u{0}}".into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("stored");
+            }
+            1 => {
+                let block = "NATS/1.0\r\nce-type: fault.tick\r\nBad Name: x\r\n\r\n";
+                raw_hpub(&env.nats_url, &subject, block, "{}").await;
+            }
+            _ => {
+                let block = "NATS/1.0\r\nce-type: fault.tick\r\nx-poison: a\rb\r\n\r\n";
+                raw_hpub(&env.nats_url, &subject, block, "{}").await;
+            }
+        }
         poison += 1;
     }
     let stats = join_writers(writers).await;

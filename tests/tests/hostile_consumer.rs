@@ -415,6 +415,7 @@ async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_let
         .unwrap();
     let subject = format!("{}.lesson.published", env.prefix);
     let blocks = [
+        "NATS/1.0\r\nx: a\rb\r\n\r\n",
         "NATS/1.0\r\nBad Name: x\r\n\r\n",
         "NATS/1.0\r\nno colon here\r\n\r\n",
         "NATS/1.0\r\nN\u{e4}me: x\r\n\r\n",
@@ -422,7 +423,7 @@ async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_let
     for block in blocks {
         edupulse_events_tests::raw_hpub(&env.nats_url, &subject, block, "garbage").await;
     }
-    wait_for(WAIT, "three undeliverable dead letters", || async {
+    wait_for(WAIT, "four undeliverable dead letters", || async {
         service
             .dead_letters("grading", 10)
             .await
@@ -430,7 +431,7 @@ async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_let
             .iter()
             .filter(|d| d.reason == DeadReason::Undeliverable)
             .count()
-            == 3
+            == 4
     })
     .await;
     let raw: Vec<Vec<u8>> = sqlx::query_scalar(
@@ -454,6 +455,71 @@ async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_let
     )
     .await;
     assert_eq!(effects(&service).await, 1);
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn events_read_with_an_unparseable_message_are_handled_in_order_and_not_given_up() {
+    let (env, service) = setup().await;
+    let relay = service.start_relay();
+    let subject = format!("{}.lesson.published", env.prefix);
+    let js = env.jetstream().await;
+    let emit = |from: i64| {
+        let service = service.clone();
+        async move {
+            for lesson_id in from..from + 5 {
+                service.emit(LessonPublished { lesson_id }).await.unwrap();
+            }
+        }
+    };
+    // Five events, a message no client can parse, five more: one pull reads them all.
+    emit(1).await;
+    wait_for(WAIT, "the first five events in the stream", || async {
+        env.stream_len(&js).await == 5
+    })
+    .await;
+    let poison = "NATS/1.0\r\nBad Name: x\r\n\r\n";
+    edupulse_events_tests::raw_hpub(&env.nats_url, &subject, poison, "garbage").await;
+    emit(6).await;
+    wait_for(WAIT, "all eleven messages in the stream", || async {
+        env.stream_len(&js).await == 11
+    })
+    .await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = order.clone();
+    // The message drops the connection it arrives on, with the events after it in the
+    // same pull. Before, they came back with it after every ack_wait and were given up
+    // with it after max_redeliveries.
+    let consumer = service
+        .consumer("grading")
+        .settings(ConsumerSettings {
+            ack_wait: Duration::from_secs(2),
+            max_redeliveries: 3,
+            ..fast()
+        })
+        .on_tx::<LessonPublished, _>(move |tx, received| {
+            seen.lock().unwrap().push(received.event.lesson_id);
+            record(tx, received.envelope.id)
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_for(WAIT, "the ten events handled", || async {
+        consumer.handled() == 10
+    })
+    .await;
+    assert_eq!(*order.lock().unwrap(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(effects(&service).await, 10);
+    let dead = service.dead_letters("grading", 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, DeadReason::Undeliverable);
+    assert_eq!(dead[0].stream_sequence, 6);
+    let raw: Vec<u8> = sqlx::query_scalar("SELECT raw_headers FROM edupulse.dead_letters")
+        .fetch_one(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(raw, poison.as_bytes());
     consumer.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }

@@ -5,11 +5,10 @@
 
 use super::context::{Ctx, Stats};
 use super::envelope::{HandlerError, Received};
-use super::fetch::run;
 use super::inbox;
+use super::instance::{self, Instance};
 use super::route::{any_overlap, unbox, Call, PlainCall, Route, Routes, TxCall};
 use super::settings::ConsumerSettings;
-use super::undeliverable;
 use super::{ConsumerError, ConsumerHandle};
 use crate::service::{EventService, Inner};
 use crate::DomainEvent;
@@ -150,16 +149,7 @@ impl ConsumerBuilder {
         let multi_filter = server_at_least(&inner.nats, 2, 10);
         let prefix = &inner.config.subject_prefix;
         let config = consumer_config(&group, &settings, prefix, routes.filters(), multi_filter);
-        // A connection of the group's own: a message the client cannot read drops
-        // the connection it arrives on, and must not take the relay's with it.
-        let nats = crate::service::nats::connect(&inner.config)
-            .await
-            .map_err(|e| ConsumerError::JetStream {
-                group: group.clone(),
-                stream: inner.config.stream.clone(),
-                reason: e.to_string(),
-            })?;
-        let consumer = create_durable(&inner, &nats, &group, config).await?;
+        let (nats, consumer) = attach(&inner, &group, config.clone()).await?;
 
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
@@ -172,19 +162,13 @@ impl ConsumerBuilder {
             #[cfg(feature = "test-hooks")]
             crash: tokio::sync::Notify::new(),
             queued: Mutex::new(BTreeSet::new()),
-            failure: tokio::sync::watch::Sender::new(None),
-            nats: nats.clone(),
+            failure: Arc::new(tokio::sync::watch::Sender::new(None)),
+            nats,
         });
-        let listener = undeliverable::spawn_listener(ctx.clone(), nats)
-            .await
-            .map_err(|e| ConsumerError::JetStream {
-                group: group.clone(),
-                stream: ctx.inner.config.stream.clone(),
-                reason: format!("cannot listen for max-deliveries advisories: {e}"),
-            })?;
-        let failure = ctx.failure.subscribe();
+        let instance = Instance::start(ctx, consumer).await?;
+        let failure = instance.ctx.failure.subscribe();
         tracing::info!(group = %group, "consumer started");
-        let task = tokio::spawn(run(ctx, consumer, stop_rx, listener).instrument(
+        let task = tokio::spawn(instance::run(instance, config, stop_rx).instrument(
             tracing::info_span!(
                 "edupulse.consumer",
                 group = %group
@@ -247,6 +231,25 @@ fn consumer_config(
         config.filter_subject = format!("{prefix}.>");
     }
     config
+}
+
+/// Opens a connection of the group's own (a message the client cannot read drops the
+/// connection it arrives on, and must not take the relay's with it) and creates the
+/// durable consumer on it, or updates it to `config`.
+pub(super) async fn attach(
+    inner: &Inner,
+    group: &str,
+    config: pull::Config,
+) -> Result<(async_nats::Client, PullConsumer), ConsumerError> {
+    let nats = crate::service::nats::connect(&inner.config)
+        .await
+        .map_err(|e| ConsumerError::JetStream {
+            group: group.to_owned(),
+            stream: inner.config.stream.clone(),
+            reason: e.to_string(),
+        })?;
+    let consumer = create_durable(inner, &nats, group, config).await?;
+    Ok((nats, consumer))
 }
 
 /// Creates the durable consumer, or updates it to `config`.

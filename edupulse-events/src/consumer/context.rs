@@ -56,13 +56,30 @@ pub(super) struct Ctx {
     /// redelivered while this instance still has it.
     pub queued: Mutex<BTreeSet<async_nats::Subject>>,
     /// Why the instance failed (a lane died), once it has: the fetch loop stops, and
-    /// the handle reports it.
-    pub failure: tokio::sync::watch::Sender<Option<String>>,
+    /// the handle reports it. Shared by every incarnation of the instance.
+    pub failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
     /// The group's own NATS connection: pulls, acks and progress.
     pub nats: async_nats::Client,
 }
 
 impl Ctx {
+    /// The instance as it goes on with `nats`, a new connection, after its client's
+    /// died: same group, routes, settings, counters and failure, nothing queued.
+    pub fn reborn(&self, nats: async_nats::Client) -> Ctx {
+        Ctx {
+            inner: self.inner.clone(),
+            #[cfg(feature = "test-hooks")]
+            crash: tokio::sync::Notify::new(),
+            group: self.group.clone(),
+            routes: self.routes.clone(),
+            settings: self.settings.clone(),
+            stats: self.stats.clone(),
+            queued: Mutex::new(BTreeSet::new()),
+            failure: self.failure.clone(),
+            nats,
+        }
+    }
+
     /// Whether a simulated crash has happened: the instance then acks and naks nothing.
     /// Always false without the `test-hooks` feature, so the checks compile away.
     #[inline]

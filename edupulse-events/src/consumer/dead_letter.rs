@@ -20,12 +20,14 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// Records a message a group gave up on.
+/// Records a message a group gave up on, once (see [`insert`]).
 const INSERT_DEAD_LETTER: &str = formatcp!(
     "INSERT INTO {DEAD_LETTERS}
         (consumer_group, reason, error, event_id, event_name, subject, stream_sequence,
          deliveries, headers, payload, raw_headers)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+     WHERE NOT EXISTS (SELECT 1 FROM {DEAD_LETTERS}
+                       WHERE consumer_group = $1 AND stream_sequence = $7 AND reason = $2)"
 );
 
 /// A group's dead letters, oldest first.
@@ -299,7 +301,10 @@ pub(super) struct Row<'a> {
     pub raw_headers: &'a [u8],
 }
 
-/// Inserts one record (texts made storable), within the statement deadline.
+/// Inserts one record (texts made storable), within the statement deadline, unless
+/// the group already has one of the same reason for the same stream sequence: a
+/// message is recorded once, however often it comes back (its terminate lost with a
+/// dropped connection) or however many paths find it (a scan and an advisory).
 pub(super) async fn insert(ctx: &Ctx, row: &Row<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(INSERT_DEAD_LETTER)
         .bind(storable(&ctx.group))

@@ -3,14 +3,17 @@
 //! or queues, and on shutdown hands back what no lane took.
 
 use super::context::Ctx;
-use super::gate::{acked_through, Gate};
+use super::gate::Gate;
 use super::inbox::spawn_pruner;
+use super::instance::client_gone;
 use super::lane::{give_back, Lanes};
+use super::undeliverable;
 use crate::support::retry::{progress_period, sleep_or_stop};
 use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
 use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -32,17 +35,27 @@ pub(super) const CATCH_UP_POLL: Duration = Duration::from_millis(50);
 /// How long the loop pauses before it pulls anew, after a pull failed or ended.
 const PULL_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// Runs an instance: fetches until told to stop (or the simulated crash), then shuts
-/// its lanes down.
+/// Why a fetch loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// The instance was told to stop, failed, or (a test hook) crashed.
+    Stopped,
+    /// The instance's NATS client died: go on with a new one (see `instance`).
+    ClientGone,
+}
+
+/// Runs one incarnation of an instance: fetches until told to stop (or the simulated
+/// crash, or the client's death), then shuts its lanes down.
 pub(super) async fn run(
     ctx: Arc<Ctx>,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
     listener: JoinHandle<()>,
-) {
+) -> Ended {
     let mut fetcher = Fetcher::start(ctx, consumer, stop, listener);
-    fetcher.fetch().await;
+    let ended = fetcher.fetch().await;
     fetcher.shut_down().await;
+    ended
 }
 
 /// What the fetch loop woke up for.
@@ -51,6 +64,8 @@ enum Woke {
     Message(Box<Message>),
     /// Nothing arrived, but held messages may go now.
     Tick,
+    /// The pull stream reported an error (the client may have died).
+    Error,
     /// The pull stream ended: pull anew.
     Restart,
     /// The instance is stopping.
@@ -85,6 +100,9 @@ struct Fetcher {
     listener: JoinHandle<()>,
     /// Tells when the instance has failed (a lane died).
     failure: watch::Receiver<Option<String>>,
+    /// How often the instance's connection had been established when last looked at
+    /// (0 at first, so that the loop begins with a scan).
+    connects: u64,
 }
 
 impl Fetcher {
@@ -99,6 +117,7 @@ impl Fetcher {
         let pruner = spawn_pruner(ctx.clone());
         let failure = ctx.failure.subscribe();
         Fetcher {
+            connects: 0,
             failure,
             listener,
             ctx,
@@ -110,21 +129,25 @@ impl Fetcher {
         }
     }
 
-    /// Pulls and dispatches until the instance stops, a lane has gone, or the simulated
-    /// crash.
-    async fn fetch(&mut self) {
+    /// Pulls and dispatches until the instance stops, a lane has gone, the client has
+    /// died, or the simulated crash.
+    async fn fetch(&mut self) -> Ended {
         loop {
             if *self.stop.borrow() || self.ctx.crashed() || self.failure.borrow().is_some() {
-                return;
+                return Ended::Stopped;
             }
+            self.after_reconnect().await;
             if let Some(pull) = self.pull().await {
-                if self.follow(pull).await.is_break() {
-                    return;
+                if let ControlFlow::Break(ended) = self.follow(pull).await {
+                    return ended;
                 }
             }
             // The pull could not start, or its stream ended: pause, then pull anew.
+            if client_gone(&self.ctx.nats).await {
+                return Ended::ClientGone;
+            }
             if sleep_or_stop(&mut self.stop, PULL_AGAIN_AFTER).await {
-                return;
+                return Ended::Stopped;
             }
         }
     }
@@ -159,20 +182,31 @@ impl Fetcher {
     }
 
     /// Follows one pull stream: `Continue` when it ended (pull anew), `Break` when the
-    /// instance stops.
-    async fn follow(&mut self, mut pull: Pull) -> ControlFlow<()> {
+    /// instance stops or its client has died.
+    async fn follow(&mut self, mut pull: Pull) -> ControlFlow<Ended> {
+        let stopped = |flow: ControlFlow<()>| match flow {
+            ControlFlow::Break(()) => ControlFlow::Break(Ended::Stopped),
+            ControlFlow::Continue(()) => ControlFlow::Continue(()),
+        };
         loop {
             let woke = self.wait(&mut pull).await;
             if self.ctx.crashed() {
-                return ControlFlow::Break(());
+                return ControlFlow::Break(Ended::Stopped);
             }
+            self.after_reconnect().await;
             match woke {
-                Woke::Stop => return ControlFlow::Break(()),
+                Woke::Stop => return ControlFlow::Break(Ended::Stopped),
                 Woke::Restart => return ControlFlow::Continue(()),
+                Woke::Error if client_gone(&self.ctx.nats).await => {
+                    return ControlFlow::Break(Ended::ClientGone)
+                }
+                // Missed heartbeats, say: the consumer's leader may have changed,
+                // losing what it had sent; catch up until that has come back.
+                Woke::Error => self.rearm().await,
                 Woke::Tick => {}
-                Woke::Message(message) => self.on_message(*message)?,
+                Woke::Message(message) => stopped(self.on_message(*message))?,
             }
-            self.release()?;
+            stopped(self.release())?;
         }
     }
 
@@ -184,7 +218,7 @@ impl Fetcher {
                 Some(Ok(message)) => Woke::Message(Box::new(message)),
                 Some(Err(error)) => {
                     tracing::debug!(%error, "pull stream error");
-                    Woke::Tick
+                    Woke::Error
                 }
                 // The pull stream ended (the consumer was deleted, say): start anew.
                 None => Woke::Restart,
@@ -204,13 +238,60 @@ impl Fetcher {
         }
     }
 
-    /// Reads the group's ack floor for the gate, while catching up.
+    /// When the instance's connection has come back since last looked at (whatever
+    /// dropped it: a message the client cannot read does), records and terminates the
+    /// unreadable messages the group was delivered, then catches up: the events read
+    /// with the lost connection come back after `ack_wait`, before anything pulled
+    /// since reaches a lane.
+    async fn after_reconnect(&mut self) {
+        let connects = self.ctx.nats.statistics().connects.load(Ordering::Relaxed);
+        if connects == self.connects {
+            return;
+        }
+        self.connects = connects;
+        let info = match self.consumer.get_info().await {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the consumer group's state after a reconnect; holding new messages until ack_wait has passed");
+                self.gate.arm(None, self.ctx.settings.ack_wait);
+                return;
+            }
+        };
+        let found = undeliverable::scan(
+            &self.ctx,
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        )
+        .await;
+        if found > 0 {
+            tracing::warn!(
+                group = %self.ctx.group, found,
+                "the connection dropped on messages whose headers the client cannot parse; \
+                 they are dead letters now"
+            );
+        }
+        self.gate.arm(Some(&info), self.ctx.settings.ack_wait);
+    }
+
+    /// After the pull stream reported an error: arms the gate with the group's state.
+    async fn rearm(&mut self) {
+        let info = match self.consumer.get_info().await {
+            Ok(info) => Some(info),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the consumer group's state after a pull error");
+                None
+            }
+        };
+        self.gate.arm(info.as_ref(), self.ctx.settings.ack_wait);
+    }
+
+    /// Reads the group's state for the gate, while catching up.
     async fn read_floor(&mut self) {
         match self.consumer.get_info().await {
-            Ok(info) => self.gate.observe_floor(acked_through(&info)),
+            Ok(info) => self.gate.observe(&info),
             Err(error) => {
                 tracing::debug!(%error, "cannot read the group's ack floor");
-                self.gate.check_done();
+                self.gate.unreadable();
             }
         }
     }

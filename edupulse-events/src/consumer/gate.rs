@@ -25,12 +25,22 @@ pub(super) fn acked_through(info: &consumer::Info) -> u64 {
     }
 }
 
-/// Keeps the handled order of a group across the death of one of its instances.
+/// How much longer than [`catch_up_limit`] an instance catches up at most while the
+/// group's consumer has no leader (its state cannot be read) or changes leader: a
+/// JetStream election takes up to about 10 s, and the new leader redelivers what the
+/// old one had delivered only `ack_wait` after it took over.
+pub(super) const ELECTION_GRACE: Duration = Duration::from_secs(30);
+
+/// Keeps the handled order of a group across the death of one of its instances, and
+/// across the loss of the messages in flight when the group's consumer changes leader
+/// on a cluster.
 ///
 /// The messages delivered to an instance that died stay pending on the server until
 /// their `ack_wait` passes, and then come back after the messages that follow them,
-/// in the order their timers expire. So when this instance starts pulling (at start,
-/// and whenever its pull stream restarts) while the group has messages delivered and
+/// in the order their timers expire. The same holds for messages the consumer's leader
+/// sent that never arrived (the leader's node died, or the connection dropped). So
+/// when this instance starts pulling (at start, whenever its pull stream restarts or
+/// reports an error, and after a reconnect) while the group has messages delivered and
 /// not acked (its ack floor is below the last stream sequence delivered, the *mark*),
 /// it *catches up*: every message it receives is held, by stream sequence (with
 /// progress sent, so that it is not redelivered), and handed to its lane only once
@@ -38,10 +48,11 @@ pub(super) fn acked_through(info: &consumer::Info) -> u64 {
 /// [`CATCH_UP_POLL`](super::fetch::CATCH_UP_POLL)) or was handed to a lane of this
 /// instance: its lanes then handle them in stream order. It stops catching up when
 /// everything up to the mark is so, or at the latest [`catch_up_limit`] after it
-/// began: by then every message of an instance that had died has come back (its timer
-/// had started before), and what has not is in the hands of a live instance, whose
-/// order relative to this one the group does not keep anyway. The held messages are
-/// then released in stream order.
+/// began, or after the group's state was last unreadable or its leader changed
+/// (never more than [`ELECTION_GRACE`] beyond the limit): by then every lost message
+/// has come back (its timer had started before), and what has not is in the hands of
+/// a live instance, whose order relative to this one the group does not keep anyway.
+/// The held messages are then released in stream order.
 ///
 /// Held messages count toward the group's `max_ack_pending`; redeliveries do not, so
 /// they always reach this instance, and live instances go on with the messages they
@@ -51,13 +62,20 @@ pub(super) fn acked_through(info: &consumer::Info) -> u64 {
 pub(super) struct Gate {
     /// When catching up must end; `None` when not catching up.
     deadline: Option<Instant>,
-    /// The last stream sequence delivered to the group when catching up began.
+    /// The latest the deadline may be pushed to, while catching up.
+    cap: Option<Instant>,
+    /// How long catching up lasts without trouble ([`catch_up_limit`]).
+    limit: Duration,
+    /// The last stream sequence delivered to the group when catching up began
+    /// (`u64::MAX` while the group's state could not be read).
     mark: u64,
     /// Every message of the group up to this stream sequence is acked, or was handed
     /// to one of this instance's lanes while catching up.
     through: u64,
     /// Messages received while catching up and not handed to a lane yet.
     held: BTreeMap<u64, Message>,
+    /// The server that leads the group's consumer, as last read (on a cluster).
+    leader: Option<String>,
 }
 
 impl Gate {
@@ -67,36 +85,48 @@ impl Gate {
     }
 
     /// Catches up if the group has messages delivered and not acked. `info` is the
-    /// group's state read before pulling; without it, catches up to the limit.
+    /// group's state read before pulling; without it, catches up to the limit (and
+    /// longer while the state stays unreadable, see [`Gate::unreadable`]).
     pub fn arm(&mut self, info: Option<&consumer::Info>, ack_wait: Duration) {
+        self.limit = catch_up_limit(ack_wait);
         match info {
-            Some(info) => self.arm_at(
-                info.delivered.stream_sequence,
-                acked_through(info),
-                ack_wait,
-            ),
-            None => self.arm_at(u64::MAX, 0, ack_wait),
+            Some(info) => {
+                let moved = self.leader_moved(info);
+                self.arm_at(info.delivered.stream_sequence, acked_through(info), moved);
+            }
+            None => self.arm_at(u64::MAX, 0, true),
         }
     }
 
     /// [`Gate::arm`] with the last stream sequence delivered to the group (`mark`) and
-    /// the sequence up to which everything is acked (`floor`).
-    fn arm_at(&mut self, mark: u64, floor: u64, ack_wait: Duration) {
+    /// the sequence up to which everything is acked (`floor`); `trouble` when the
+    /// group's consumer has just changed leader or could not be read.
+    fn arm_at(&mut self, mark: u64, floor: u64, trouble: bool) {
         if floor >= mark && !self.catching_up() {
             return;
         }
+        let now = Instant::now();
         if self.catching_up() {
             // A restart while catching up: the limit runs on, unless more has been
-            // delivered meanwhile (to an instance that may have died since).
-            if mark > self.mark {
-                self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
+            // delivered meanwhile (to an instance that may have died since), or the
+            // group's consumer is in trouble.
+            let more = mark != u64::MAX && self.mark != u64::MAX && mark > self.mark;
+            if trouble || more {
+                self.extend(now);
             }
-            self.mark = self.mark.max(mark);
+            self.mark = match (self.mark, mark) {
+                // The state is known now, or still unknown.
+                (u64::MAX, mark) => mark,
+                // Unknown now: keep what was known.
+                (known, u64::MAX) => known,
+                (known, mark) => known.max(mark),
+            };
             self.through = self.through.max(floor);
         } else {
             self.mark = mark;
             self.through = floor;
-            self.deadline = Some(Instant::now() + catch_up_limit(ack_wait));
+            self.cap = Some(now + self.limit + ELECTION_GRACE);
+            self.deadline = Some(now + self.limit);
         }
         tracing::info!(
             mark = self.mark,
@@ -107,9 +137,50 @@ impl Gate {
         self.check_done();
     }
 
-    /// Takes the group's ack floor, as just read.
-    pub fn observe_floor(&mut self, floor: u64) {
-        self.through = self.through.max(floor);
+    /// Pushes the deadline to a full limit from `now`, within the cap.
+    fn extend(&mut self, now: Instant) {
+        let (Some(deadline), Some(cap)) = (self.deadline, self.cap) else {
+            return;
+        };
+        self.deadline = Some(deadline.max(now + self.limit).min(cap));
+    }
+
+    /// Records the leader of the group's consumer in `info`: whether it differs from
+    /// the one last read (the old one's messages in flight may be lost).
+    fn leader_moved(&mut self, info: &consumer::Info) -> bool {
+        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+        let moved = self.leader.is_some() && leader != self.leader;
+        if moved {
+            tracing::info!(
+                from = self.leader.as_deref().unwrap_or("none"),
+                to = leader.as_deref().unwrap_or("none"),
+                "the consumer group's leader changed"
+            );
+        }
+        self.leader = leader;
+        moved
+    }
+
+    /// Takes the group's state, as just read while catching up: its ack floor, its
+    /// leader, and its mark if it was unknown.
+    pub fn observe(&mut self, info: &consumer::Info) {
+        if self.leader_moved(info) {
+            self.extend(Instant::now());
+        }
+        if self.mark == u64::MAX {
+            // Everything delivered so far, this instance's held messages included
+            // (they go as the floor reaches them).
+            self.mark = info.delivered.stream_sequence;
+        }
+        self.through = self.through.max(acked_through(info));
+        self.check_done();
+    }
+
+    /// The group's state could not be read (its consumer has no leader, say): what
+    /// was lost in flight comes back only once a leader has taken over, so the limit
+    /// runs from now again, within [`ELECTION_GRACE`].
+    pub fn unreadable(&mut self) {
+        self.extend(Instant::now());
         self.check_done();
     }
 
@@ -122,6 +193,7 @@ impl Gate {
         if self.through >= self.mark {
             tracing::debug!(mark = self.mark, "caught up");
             self.deadline = None;
+            self.cap = None;
         } else if Instant::now() >= deadline {
             tracing::info!(
                 mark = self.mark,
@@ -131,6 +203,7 @@ impl Gate {
                  has them, or they are late); releasing the held ones in stream order"
             );
             self.deadline = None;
+            self.cap = None;
         }
     }
 
@@ -233,6 +306,18 @@ mod tests {
         .unwrap()
     }
 
+    /// The group's state on a cluster whose consumer `leader` leads.
+    fn info_led(
+        delivered: u64,
+        ack_floor: u64,
+        ack_pending: usize,
+        leader: &str,
+    ) -> consumer::Info {
+        let mut info = info(delivered, ack_floor, ack_pending);
+        info.cluster = Some(serde_json::from_value(serde_json::json!({"leader": leader})).unwrap());
+        info
+    }
+
     const ACK_WAIT: Duration = Duration::from_secs(30);
 
     #[test]
@@ -304,7 +389,7 @@ mod tests {
         assert_eq!(gate.held.len(), 3);
         // 5 is neither acked nor here: nothing may go.
         assert!(gate.next_release().is_none());
-        gate.observe_floor(5);
+        gate.observe(&info(10, 5, 5));
         let released: Vec<u64> = std::iter::from_fn(|| gate.next_release())
             .map(|m| sequence(&m))
             .collect();
@@ -312,7 +397,7 @@ mod tests {
         assert!(gate.catching_up(), "9 and 10 are still out");
         // A message after the mark waits for them too.
         assert!(gate.admit(message(&context, 12)).is_none());
-        gate.observe_floor(10);
+        gate.observe(&info(14, 10, 2));
         assert!(!gate.catching_up());
         assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(12));
         assert!(gate.next_release().is_none());
@@ -367,5 +452,57 @@ mod tests {
         let taken: Vec<u64> = gate.take_held().map(|m| sequence(&m)).collect();
         assert_eq!(taken, [3, 5]);
         assert!(gate.held.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_group_keeps_catching_up_past_the_limit_within_the_grace() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(None, ACK_WAIT);
+        assert!(gate.admit(message(&context, 3)).is_none());
+        let start = Instant::now();
+        // The limit has all but run out when the state still cannot be read.
+        gate.deadline = Some(start);
+        gate.unreadable();
+        assert!(gate.catching_up(), "an election may still be going on");
+        assert!(gate.deadline.unwrap() >= start + catch_up_limit(ACK_WAIT));
+        assert!(gate.deadline <= gate.cap);
+        // Past the grace, it stops all the same and releases in stream order.
+        gate.cap = Some(Instant::now());
+        gate.deadline = gate.cap;
+        gate.unreadable();
+        assert!(!gate.catching_up());
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_of_the_group_restarts_the_limit() {
+        let mut gate = Gate::default();
+        gate.arm(Some(&info_led(10, 4, 6, "n1")), ACK_WAIT);
+        let soon = Instant::now() + Duration::from_millis(100);
+        gate.deadline = Some(soon);
+        // The same leader: the limit runs on.
+        gate.observe(&info_led(10, 5, 5, "n1"));
+        assert_eq!(gate.deadline, Some(soon));
+        // Another one: what the old one had sent may be lost; it comes back only
+        // `ack_wait` after the new one took over.
+        gate.observe(&info_led(10, 5, 5, "n2"));
+        assert!(gate.deadline.unwrap() > soon + Duration::from_secs(30));
+        assert!(gate.catching_up());
+        gate.observe(&info_led(12, 10, 2, "n2"));
+        assert!(!gate.catching_up(), "everything up to the mark is acked");
+    }
+
+    #[tokio::test]
+    async fn a_gate_armed_without_the_state_learns_its_mark_from_the_first_read() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(None, ACK_WAIT);
+        assert_eq!(gate.mark, u64::MAX);
+        assert!(gate.admit(message(&context, 11)).is_none());
+        gate.observe(&info(11, 10, 1));
+        assert_eq!(gate.mark, 11);
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(11));
+        assert!(!gate.catching_up());
     }
 }

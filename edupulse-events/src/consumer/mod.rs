@@ -46,6 +46,7 @@ mod fetch;
 mod gate;
 mod handle;
 mod inbox;
+mod instance;
 mod lane;
 mod route;
 mod settings;

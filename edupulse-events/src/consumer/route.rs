@@ -83,6 +83,7 @@ pub(super) fn unbox<E: DomainEvent>(event: Box<dyn Any + Send>) -> Result<E, Han
 }
 
 /// A group's handlers, by event name, and the subject filters they cover.
+#[derive(Clone)]
 pub(super) struct Routes {
     /// The routes, by event name.
     by_name: HashMap<&'static str, Route>,

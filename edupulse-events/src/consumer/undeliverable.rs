@@ -6,6 +6,15 @@
 //! instance that receives it (one per group: a queue subscription) reads the message
 //! raw from the stream (base64, unparsed) and records it as a dead letter,
 //! [`DeadReason::Undeliverable`].
+//!
+//! That bound costs `max_redeliveries` times `ack_wait`, and the events that arrived
+//! in the same pull after such a message are lost with the connection each time, so
+//! they would come back with it and be given up with it. So whenever an instance's
+//! connection comes back, it also [`scan`]s what the group has been delivered and not
+//! acked, reads each message raw, and records and terminates at once every one whose
+//! headers the client cannot parse (see [`client_can_parse`]); the events around it
+//! then come back after one `ack_wait`, in order (the fetch loop catches up, see
+//! `Gate`).
 
 use super::context::Ctx;
 use super::dead_letter::{insert, readable_headers, DeadReason, Row};
@@ -22,6 +31,13 @@ use uuid::Uuid;
 
 /// How many times a write of the record is tried before it is given up (logged).
 const WRITE_TRIES: u32 = 5;
+
+/// How many stream sequences above the ack floor a [`scan`] reads at most; beyond
+/// them an unreadable message waits for `max_redeliveries`.
+const SCAN_LIMIT: u64 = 4096;
+
+/// How many messages a [`scan`] reads at once.
+const SCAN_CONCURRENCY: usize = 16;
 
 /// JetStream's advisory: a message of the group reached `max_deliver`.
 #[derive(Debug, Deserialize)]
@@ -66,28 +82,126 @@ pub(super) async fn spawn_listener(
     Ok(tokio::spawn(async move {
         while let Some(message) = advisories.next().await {
             match serde_json::from_slice::<Advisory>(&message.payload) {
-                Ok(advisory) => record(&ctx, &client, &stream, &advisory).await,
+                Ok(advisory) => {
+                    let sequence = advisory.stream_seq;
+                    match fetch(&client, &stream, sequence).await {
+                        Ok(raw) => {
+                            let why = format!(
+                                "JetStream delivered it {} times without an ack \
+                                 (max_redeliveries): the client could not read it, as with \
+                                 headers no client can parse",
+                                advisory.deliveries
+                            );
+                            record(&ctx, sequence, advisory.deliveries, &why, &raw).await;
+                        }
+                        Err(why) => {
+                            tracing::error!(
+                                group = %ctx.group, sequence, error = %why,
+                                "a message was delivered too often without an ack and cannot \
+                                 be read back; it stays in the stream at this sequence"
+                            );
+                            ctx.stats.dead_letters_lost.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
                 Err(error) => tracing::debug!(%error, "unreadable max-deliveries advisory"),
             }
         }
     }))
 }
 
-/// Reads the message raw and records it as a dead letter.
-async fn record(ctx: &Ctx, client: &async_nats::Client, stream: &str, advisory: &Advisory) {
-    let (subject, raw_headers, payload) = match fetch(client, stream, advisory.stream_seq).await {
-        Ok(found) => found,
-        Err(why) => {
-            tracing::error!(
-                group = %ctx.group, sequence = advisory.stream_seq, error = %why,
-                "a message was delivered too often without an ack and cannot be read back; \
-                 it stays in the stream at this sequence"
-            );
-            ctx.stats.dead_letters_lost.fetch_add(1, Ordering::SeqCst);
-            return;
-        }
+/// Whether async-nats can read a header block as it arrives in a message: its parser's
+/// rules, with its own checks of names and status codes. A block it cannot read drops
+/// the connection it arrives on (a value with a lone carriage return would even panic
+/// its reader, so that is refused here too).
+pub(super) fn client_can_parse(block: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(block) else {
+        return false;
     };
-    let text = String::from_utf8_lossy(&raw_headers);
+    let mut lines = text.lines().peekable();
+    let Some(version) = lines.next().and_then(|line| line.strip_prefix("NATS/1.0")) else {
+        return false;
+    };
+    let version = version.trim();
+    let status = version.split_once(' ').map_or(version, |(s, _)| s.trim());
+    if !status.is_empty() && status.parse::<async_nats::StatusCode>().is_err() {
+        return false;
+    }
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        if name.parse::<async_nats::HeaderName>().is_err() || value.contains('\r') {
+            return false;
+        }
+        while let Some(more) = lines.next_if(|s| s.starts_with(char::is_whitespace)) {
+            if more.contains('\r') {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// After the instance's connection came back: reads every message the group was
+/// delivered above its ack floor (up to [`SCAN_LIMIT`]) raw from the stream, and
+/// records and terminates those the client cannot read. Returns how many it found.
+pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64) -> usize {
+    let stream = ctx.inner.config.stream.as_str();
+    let last = delivered.min(floor.saturating_add(SCAN_LIMIT));
+    let unreadable: Vec<(u64, Raw)> = futures::stream::iter(floor.saturating_add(1)..=last)
+        .map(|sequence| async move { (sequence, fetch(&ctx.nats, stream, sequence).await) })
+        .buffered(SCAN_CONCURRENCY)
+        .filter_map(|(sequence, raw)| async move {
+            match raw {
+                Ok(raw) if !raw.1.is_empty() && !client_can_parse(&raw.1) => Some((sequence, raw)),
+                Ok(_) => None,
+                Err(why) => {
+                    tracing::debug!(sequence, error = %why, "cannot read a message back");
+                    None
+                }
+            }
+        })
+        .collect()
+        .await;
+    let prefix = format!("{}.", ctx.inner.config.subject_prefix);
+    for (sequence, raw) in &unreadable {
+        let relative = raw.0.strip_prefix(&prefix).unwrap_or(&raw.0);
+        if !ctx.routes.covers(relative) {
+            continue;
+        }
+        let why = "its headers cannot be parsed by the client, which dropped the connection it \
+                   arrived on; found when the connection came back";
+        record(ctx, *sequence, 1, why, raw).await;
+        terminate(ctx, *sequence).await;
+    }
+    unreadable.len()
+}
+
+/// Tells JetStream never to deliver the message at `sequence` to the group again: the
+/// `+TERM` its own delivery's reply subject would carry, to that subject (JetStream
+/// finds the pending message by its stream sequence).
+async fn terminate(ctx: &Ctx, sequence: u64) {
+    let subject = format!(
+        "$JS.ACK.{}.{}.1.{sequence}.1.0.0",
+        ctx.inner.config.stream, ctx.group
+    );
+    if let Err(error) = ctx.nats.publish(subject, "+TERM".into()).await {
+        tracing::warn!(%error, sequence, "could not terminate an unreadable message");
+    }
+}
+
+/// A stored message: its subject, header block and body.
+type Raw = (String, Vec<u8>, Vec<u8>);
+
+/// Records the raw message at `sequence` as an undeliverable dead letter, once (a
+/// message found by a scan and then by the advisory is recorded once).
+async fn record(ctx: &Ctx, sequence: u64, deliveries: u64, why: &str, raw: &Raw) {
+    let (subject, raw_headers, payload) = raw;
+    let text = String::from_utf8_lossy(raw_headers);
     let header = |name: &str| {
         text.lines()
             .filter_map(|line| line.split_once(':'))
@@ -96,30 +210,25 @@ async fn record(ctx: &Ctx, client: &async_nats::Client, stream: &str, advisory: 
     };
     let event_id = header("ce-id").and_then(|id| id.parse::<Uuid>().ok());
     let event_name = header("ce-type");
-    let why = format!(
-        "JetStream delivered it {} times without an ack (max_redeliveries): the client could \
-         not read it, as with headers no client can parse",
-        advisory.deliveries
-    );
-    let readable = readable_headers(&raw_headers);
+    let readable = readable_headers(raw_headers);
     let row = Row {
         reason: DeadReason::Undeliverable,
-        why: &why,
+        why,
         event_id,
         event_name: event_name.as_deref(),
-        subject: &subject,
-        sequence: advisory.stream_seq,
-        deliveries: u32::try_from(advisory.deliveries).unwrap_or(u32::MAX),
+        subject,
+        sequence,
+        deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
         headers: &readable,
-        payload: &payload,
-        raw_headers: &raw_headers,
+        payload,
+        raw_headers,
     };
     for attempt in 1..=WRITE_TRIES {
         match insert(ctx, &row).await {
             Ok(()) => {
                 ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
-                    group = %ctx.group, subject = %subject, sequence = advisory.stream_seq,
+                    group = %ctx.group, subject = %subject, sequence = sequence,
                     "an undeliverable message moved to the dead-letter table"
                 );
                 return;
@@ -134,7 +243,7 @@ async fn record(ctx: &Ctx, client: &async_nats::Client, stream: &str, advisory: 
             }
             Err(error) => {
                 tracing::error!(
-                    %error, group = %ctx.group, sequence = advisory.stream_seq,
+                    %error, group = %ctx.group, sequence = sequence,
                     "cannot record an undeliverable message; it stays in the stream at this \
                      sequence"
                 );
@@ -146,11 +255,7 @@ async fn record(ctx: &Ctx, client: &async_nats::Client, stream: &str, advisory: 
 }
 
 /// The stored message at `sequence`: subject, header block and body, as bytes.
-async fn fetch(
-    client: &async_nats::Client,
-    stream: &str,
-    sequence: u64,
-) -> Result<(String, Vec<u8>, Vec<u8>), String> {
+async fn fetch(client: &async_nats::Client, stream: &str, sequence: u64) -> Result<Raw, String> {
     let request = serde_json::json!({ "seq": sequence }).to_string();
     let answer = client
         .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request.into())
@@ -190,6 +295,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!((advisory.stream_seq, advisory.deliveries), (42, 5));
+    }
+
+    #[test]
+    fn header_blocks_are_judged_by_the_clients_rules() {
+        for good in [
+            "NATS/1.0\r\n\r\n",
+            "NATS/1.0\r\nce-id: 1\r\nx:\r\n\r\n",
+            "NATS/1.0 503\r\n\r\n",
+            "NATS/1.0 408 Request Timeout\r\n\r\n",
+            "NATS/1.0\r\nlong: a\r\n  folded\r\n\r\n",
+            "NATS/1.0\r\nce-source: caf\u{e9}\r\n\r\n",
+        ] {
+            assert!(client_can_parse(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            &b"NATS/1.0\r\nBad Name: x\r\n\r\n"[..],
+            b"NATS/1.0\r\nno colon here\r\n\r\n",
+            "NATS/1.0\r\nN\u{e4}me: x\r\n\r\n".as_bytes(),
+            b"NATS/1.0\r\nx: a\rb\r\n\r\n",
+            b"NATS/1.0\r\nx: a\r\n \rb\r\n\r\n",
+            b"NATS/1.0\r\nx: \xff\r\n\r\n",
+            b"NATS/1.0 abc\r\n\r\n",
+            b"HTTP/1.1\r\n\r\n",
+            b"",
+        ] {
+            assert!(!client_can_parse(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
