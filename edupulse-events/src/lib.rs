@@ -32,8 +32,8 @@ mod support;
 mod wire;
 
 pub use config::{
-    Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, DEFAULT_NATS_URL, DEFAULT_SOURCE,
-    DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX,
+    Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, StreamPlacement, DEFAULT_NATS_URL,
+    DEFAULT_SOURCE, DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX, MAX_STREAM_REPLICAS,
 };
 pub use consumer::{
     ConsumerBuilder, ConsumerError, ConsumerErrorKind, ConsumerHandle, ConsumerSettings,

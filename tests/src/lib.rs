@@ -119,7 +119,11 @@ impl TestEnv {
 
     /// A JetStream context on this test's NATS server.
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(self.nats_url.as_str())
+        // One URL or several seeds, comma-separated (a cluster's nodes).
+        let seeds: Vec<&str> = self.nats_url.split(',').map(str::trim).collect();
+        let client = async_nats::ConnectOptions::new()
+            .ping_interval(Duration::from_secs(2))
+            .connect(seeds)
             .await
             .expect("NATS answers");
         jetstream::new(client)

@@ -66,6 +66,19 @@ pub struct NatsTls {
     pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
+/// Where JetStream places the stream's replicas: a cluster of a super-cluster, and
+/// server tags every replica's server must have. Default: anywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamPlacement {
+    /// The cluster (by name) the stream must live in.
+    pub cluster: Option<String>,
+    /// Tags each server holding a replica must carry (`server_tags` in its config).
+    pub tags: Vec<String>,
+}
+
+/// The most replicas a JetStream stream can have.
+pub const MAX_STREAM_REPLICAS: usize = 5;
+
 /// Everything an [`EventService`](crate::EventService) needs to run.
 ///
 /// `Debug` never shows a password or token: credentials in URLs are replaced by
@@ -80,6 +93,9 @@ pub struct Config {
     pub(crate) stream: String,
     pub(crate) source: String,
     pub(crate) duplicate_window: Duration,
+    pub(crate) stream_replicas: usize,
+    pub(crate) stream_placement: Option<StreamPlacement>,
+    pub(crate) nats_ping_interval: Duration,
     pub(crate) max_connections: u32,
     pub(crate) connect_timeout: Duration,
     pub(crate) notify: bool,
@@ -98,6 +114,9 @@ impl fmt::Debug for Config {
             .field("stream", &self.stream)
             .field("source", &self.source)
             .field("duplicate_window", &self.duplicate_window)
+            .field("stream_replicas", &self.stream_replicas)
+            .field("stream_placement", &self.stream_placement)
+            .field("nats_ping_interval", &self.nats_ping_interval)
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("notify", &self.notify)
@@ -142,6 +161,14 @@ pub enum ConfigError {
     /// A number in the relay settings is out of range.
     #[error("{0}")]
     OutOfRange(String),
+    /// A NATS server address does not parse.
+    #[error("NATS URL {url} is invalid ({reason}); write one or more servers separated by commas, e.g. nats://n1:4222,nats://n2:4222")]
+    InvalidNatsUrl {
+        /// The URL, credentials redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Config {
@@ -150,10 +177,11 @@ impl Config {
     /// | variable | default |
     /// | --- | --- |
     /// | `DATABASE_URL` | required |
-    /// | `NATS_URL` | `nats://127.0.0.1:4222` |
+    /// | `NATS_URL` | `nats://127.0.0.1:4222` (several seeds: comma-separated) |
     /// | `EDUPULSE_SUBJECT_PREFIX` | `edupulse` |
     /// | `EDUPULSE_STREAM` | `EDUPULSE` |
     /// | `EDUPULSE_SOURCE` | `edupulse-events` |
+    /// | `EDUPULSE_STREAM_REPLICAS` | `1` |
     ///
     /// # Errors
     /// [`ConfigError`] when `DATABASE_URL` is missing or a value is invalid; never panics.
@@ -189,6 +217,15 @@ impl Config {
         if let Some(source) = get("EDUPULSE_SOURCE")? {
             builder = builder.source(source);
         }
+        if let Some(replicas) = get("EDUPULSE_STREAM_REPLICAS")? {
+            let replicas = replicas.trim().parse::<usize>().map_err(|_| {
+                ConfigError::OutOfRange(format!(
+                    "EDUPULSE_STREAM_REPLICAS {replicas:?} is not a number; use 1 to \
+                     {MAX_STREAM_REPLICAS} (3 on a three-node cluster)"
+                ))
+            })?;
+            builder = builder.stream_replicas(replicas);
+        }
         builder.build()
     }
 
@@ -204,6 +241,9 @@ impl Config {
                 stream: DEFAULT_STREAM.to_owned(),
                 source: DEFAULT_SOURCE.to_owned(),
                 duplicate_window: Duration::from_secs(120),
+                stream_replicas: 1,
+                stream_placement: None,
+                nats_ping_interval: DEFAULT_NATS_PING_INTERVAL,
                 max_connections: 10,
                 connect_timeout: Duration::from_secs(5),
                 notify: true,
@@ -231,6 +271,11 @@ impl Config {
     /// The relay settings.
     pub fn relay(&self) -> &RelaySettings {
         &self.relay
+    }
+
+    /// How many servers hold a copy of the stream.
+    pub fn stream_replicas(&self) -> usize {
+        self.stream_replicas
     }
 
     /// The NATS URL, credentials redacted.
@@ -316,6 +361,30 @@ impl ConfigBuilder {
         self
     }
 
+    /// How many servers of a JetStream cluster hold a copy of the stream (its
+    /// replicas, 1 to 5). Default 1; use 3 on a three-node cluster, so that the
+    /// stream survives the loss of one node. `connect` creates the stream so, and
+    /// refuses an existing stream with another count.
+    pub fn stream_replicas(mut self, replicas: usize) -> Self {
+        self.config.stream_replicas = replicas;
+        self
+    }
+
+    /// Where the stream's replicas live (a cluster, server tags). Default: where
+    /// JetStream chooses. Checked against an existing stream like the other settings.
+    pub fn stream_placement(mut self, placement: StreamPlacement) -> Self {
+        self.config.stream_placement = Some(placement);
+        self
+    }
+
+    /// How often the NATS connections ping their server. A server that leaves two
+    /// pings unanswered (paused, frozen, cut off) is left for another seed of the URL,
+    /// so a frozen node costs about three intervals. Default 2 s.
+    pub fn nats_ping_interval(mut self, interval: Duration) -> Self {
+        self.config.nats_ping_interval = interval;
+        self
+    }
+
     /// The most Postgres connections the service's pool opens. Default 10.
     pub fn max_connections(mut self, max: u32) -> Self {
         self.config.max_connections = max;
@@ -398,7 +467,25 @@ impl ConfigBuilder {
         }
         check_duration("duplicate_window", config.duplicate_window, None)
             .and_then(|()| check_duration("connect_timeout", config.connect_timeout, None))
+            .and_then(|()| check_duration("nats_ping_interval", config.nats_ping_interval, None))
             .map_err(ConfigError::OutOfRange)?;
+        if config.nats_ping_interval < Duration::from_millis(100) {
+            return Err(ConfigError::OutOfRange(format!(
+                "nats_ping_interval {:?} is too short; use at least 100 ms (default 2 s)",
+                config.nats_ping_interval
+            )));
+        }
+        if !(1..=MAX_STREAM_REPLICAS).contains(&config.stream_replicas) {
+            return Err(ConfigError::OutOfRange(format!(
+                "stream_replicas {} is out of range; use 1 to {MAX_STREAM_REPLICAS} (at most \
+                 the number of JetStream servers; 3 on a three-node cluster)",
+                config.stream_replicas
+            )));
+        }
+        nats_seeds(&config.nats_url).map_err(|reason| ConfigError::InvalidNatsUrl {
+            url: redact_url(&config.nats_url),
+            reason: redact_text(&reason, &config.nats_url),
+        })?;
         if config.max_connections < 2 {
             return Err(ConfigError::OutOfRange(format!(
                 "max_connections {} is too small; the service needs at least 2 (one listens \
@@ -408,6 +495,29 @@ impl ConfigBuilder {
         }
         Ok(config)
     }
+}
+
+/// The default of [`ConfigBuilder::nats_ping_interval`].
+const DEFAULT_NATS_PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The server addresses of a NATS URL of one or more comma-separated seeds, credentials
+/// taken out (see [`split_nats_credentials`]); the reason, credential-free, if one
+/// does not parse.
+pub(crate) fn nats_seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let (servers, _) = split_nats_credentials(url);
+    servers
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(index, server)| {
+            if server.is_empty() {
+                return Err(format!("server {} of the list is empty", index + 1));
+            }
+            server
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("server {} ({server}): {e}", index + 1))
+        })
+        .collect()
 }
 
 fn check_prefix(prefix: &str) -> Result<(), String> {
@@ -447,6 +557,59 @@ mod tests {
                 .map(|(_, v)| (*v).to_owned())
                 .ok_or(std::env::VarError::NotPresent)
         }
+    }
+
+    #[test]
+    fn several_nats_seeds_are_accepted_and_a_bad_one_is_named_without_secrets() {
+        let config = Config::builder("postgres://u@h/db")
+            .nats_url("nats://me:s3cret@n1:4222, nats://n2:4222,n3:4223")
+            .build()
+            .expect("three seeds");
+        let seeds = nats_seeds(&config.nats_url).expect("seeds parse");
+        assert_eq!(seeds.len(), 3);
+        assert!(!format!("{seeds:?}").contains("s3cret"));
+        let error = Config::builder("postgres://u@h/db")
+            .nats_url("nats://me:s3cret@n1:4222,,nats://n2:notaport")
+            .build()
+            .expect_err("an empty seed");
+        assert!(error.to_string().contains("server 2"), "{error}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+        let error = Config::builder("postgres://u@h/db")
+            .nats_url("nats://me:s3cret@n1:4222,nats://n2:notaport")
+            .build()
+            .expect_err("a bad port");
+        assert!(error.to_string().contains("server 2"), "{error}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn stream_replicas_and_the_ping_interval_are_checked() {
+        let build = |replicas: usize, ping: Duration| {
+            Config::builder("postgres://u@h/db")
+                .stream_replicas(replicas)
+                .nats_ping_interval(ping)
+                .build()
+        };
+        assert!(build(1, Duration::from_secs(2)).is_ok());
+        assert!(build(5, Duration::from_millis(100)).is_ok());
+        for (replicas, ping) in [
+            (0, Duration::from_secs(2)),
+            (6, Duration::from_secs(2)),
+            (3, Duration::ZERO),
+            (3, Duration::from_millis(99)),
+            (3, Duration::MAX),
+        ] {
+            assert!(
+                matches!(build(replicas, ping), Err(ConfigError::OutOfRange(_))),
+                "{replicas} {ping:?}"
+            );
+        }
+        let env = |key: &'static str| match key {
+            "DATABASE_URL" => Ok("postgres://u@h/db".to_owned()),
+            "EDUPULSE_STREAM_REPLICAS" => Ok("3".to_owned()),
+            _ => Err(std::env::VarError::NotPresent),
+        };
+        assert_eq!(Config::from_lookup(env).unwrap().stream_replicas(), 3);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! events without credentials.
 
 use super::ConnectError;
-use crate::config::{redact_text, split_nats_credentials, Config, NatsAuth, UrlCredentials};
+use crate::config::{
+    nats_seeds, redact_text, split_nats_credentials, Config, NatsAuth, UrlCredentials,
+};
 
 pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, ConnectError> {
     let nats_error = |reason: String| ConnectError::Nats {
@@ -11,7 +13,10 @@ pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, Conne
     };
     // Credentials written in the URL reach the client as options, never inside an
     // address it may log (async-nats logs server addresses at debug level).
-    let (servers, url_credentials) = split_nats_credentials(&config.nats_url);
+    let (_, url_credentials) = split_nats_credentials(&config.nats_url);
+    // Several seeds: the client connects to one of them and moves to another when it
+    // is lost (or frozen: see `ping_interval`).
+    let seeds = nats_seeds(&config.nats_url).map_err(nats_error)?;
     let mut options = match &config.nats_auth {
         NatsAuth::None => match url_credentials {
             None => async_nats::ConnectOptions::new(),
@@ -46,6 +51,7 @@ pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, Conne
     let target = config.nats_url_redacted();
     options
         .connection_timeout(config.connect_timeout)
+        .ping_interval(config.nats_ping_interval)
         .name(&config.source)
         .event_callback(move |event| {
             let target = target.clone();
@@ -61,7 +67,7 @@ pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, Conne
                 }
             }
         })
-        .connect(servers.as_str())
+        .connect(seeds)
         .await
         .map_err(|e| nats_error(e.to_string()))
 }

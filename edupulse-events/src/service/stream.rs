@@ -1,7 +1,7 @@
 //! The stream that captures `{prefix}.>`: created when missing, checked when present.
 
 use super::ConnectError;
-use crate::config::Config;
+use crate::config::{Config, StreamPlacement};
 use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream, ErrorCode};
 
 /// Makes sure the stream exists and captures `{prefix}.>`; returns its message size
@@ -70,6 +70,8 @@ async fn create(config: &Config, js: &jetstream::Context) -> Result<stream::Conf
         subjects: vec![subject(config)],
         storage: stream::StorageType::File,
         duplicate_window: config.duplicate_window,
+        num_replicas: config.stream_replicas,
+        placement: config.stream_placement.as_ref().map(placement),
         ..Default::default()
     };
     match js.create_stream(&wanted).await {
@@ -96,10 +98,49 @@ async fn create(config: &Config, js: &jetstream::Context) -> Result<stream::Conf
     }
 }
 
+/// JetStream's placement for ours.
+fn placement(wanted: &StreamPlacement) -> stream::Placement {
+    stream::Placement {
+        cluster: wanted.cluster.clone(),
+        tags: wanted.tags.clone(),
+    }
+}
+
 /// What in `found` conflicts with the configuration, each said in words.
 fn differences(config: &Config, found: &stream::Config) -> Vec<String> {
     let subject = subject(config);
     let mut differences = Vec::new();
+    // JetStream reports 0 for a stream created without a count: one replica.
+    let replicas = found.num_replicas.max(1);
+    if replicas != config.stream_replicas {
+        differences.push(format!(
+            "it has {replicas} replica(s), not {} (stream_replicas); change one of them \
+             (`nats stream edit {} --replicas {}` moves the stream)",
+            config.stream_replicas, config.stream, config.stream_replicas
+        ));
+    }
+    if let Some(wanted) = &config.stream_placement {
+        let found_cluster = found.placement.as_ref().and_then(|p| p.cluster.clone());
+        let mut found_tags = found
+            .placement
+            .as_ref()
+            .map(|p| p.tags.clone())
+            .unwrap_or_default();
+        let mut wanted_tags = wanted.tags.clone();
+        found_tags.sort();
+        wanted_tags.sort();
+        if wanted.cluster.is_some() && found_cluster != wanted.cluster {
+            differences.push(format!(
+                "it is placed in cluster {found_cluster:?}, not {:?}",
+                wanted.cluster
+            ));
+        }
+        if found_tags != wanted_tags {
+            differences.push(format!(
+                "its placement tags are {found_tags:?}, not {wanted_tags:?}"
+            ));
+        }
+    }
     if !found.subjects.contains(&subject) {
         differences.push(format!("it captures {:?}, not `{subject}`", found.subjects));
     }
@@ -206,6 +247,43 @@ mod tests {
         assert!(found[0].contains("acme.events.>"));
         assert!(found[1].contains("duplicate window"));
         assert!(found[2].contains("WorkQueue"));
+    }
+
+    #[test]
+    fn replicas_and_placement_must_match_the_configuration() {
+        let config = Config::builder("postgres://u@h/db")
+            .subject_prefix("acme.events")
+            .stream("ACME")
+            .stream_replicas(3)
+            .stream_placement(StreamPlacement {
+                cluster: Some("east".into()),
+                tags: vec!["ssd".into(), "az1".into()],
+            })
+            .build()
+            .expect("a valid config");
+        let good = stream::Config {
+            num_replicas: 3,
+            placement: Some(stream::Placement {
+                cluster: Some("east".into()),
+                tags: vec!["az1".into(), "ssd".into()],
+            }),
+            ..matching(&config)
+        };
+        assert!(differences(&config, &good).is_empty());
+        let single = stream::Config {
+            num_replicas: 0,
+            placement: None,
+            ..good.clone()
+        };
+        let found = differences(&config, &single);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("1 replica(s), not 3"), "{found:?}");
+        assert!(found[1].contains("cluster None"), "{found:?}");
+        assert!(found[2].contains("tags"), "{found:?}");
+        // A single-replica configuration refuses a replicated stream too.
+        let found = differences(&self::config(), &good);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("3 replica(s), not 1"), "{found:?}");
     }
 
     #[test]
