@@ -192,6 +192,29 @@ pub async fn observe(
 /// Reads every message of `stream` in stream order; returns the suite's events and how
 /// many messages were not.
 ///
+/// Reads one message by its sequence, again while the stream answers with anything
+/// but "no message" (in a cluster, a read during or just after a leader election
+/// fails for a few seconds); the last error after 30 s.
+async fn read_with_retries(
+    handle: &jetstream::stream::Stream,
+    sequence: u64,
+) -> Result<jetstream::message::StreamMessage, jetstream::stream::RawMessageError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match handle.get_raw_message(sequence).await {
+            Err(error)
+                if error.kind() != jetstream::stream::RawMessageErrorKind::NoMessageFound
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            read => return read,
+        }
+    }
+}
+
 /// # Panics
 /// If the stream cannot be read within a minute plus a second per 2,000 messages.
 pub async fn drain_stream(js: &jetstream::Context, stream: &str) -> (Vec<StreamEntry>, usize) {
@@ -210,7 +233,7 @@ pub async fn drain_stream(js: &jetstream::Context, stream: &str) -> (Vec<StreamE
     let reads = futures::stream::iter(first..=last)
         .map(|sequence| {
             let handle = &handle;
-            async move { (sequence, handle.get_raw_message(sequence).await) }
+            async move { (sequence, read_with_retries(handle, sequence).await) }
         })
         .buffered(64)
         .collect::<Vec<_>>();

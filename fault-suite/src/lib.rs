@@ -10,6 +10,8 @@
 //!   connections) placed between the framework and Postgres or NATS.
 //! - A private `nats-server` that a scenario may kill, pause and restart is
 //!   `edupulse_events_tests::NatsServer`.
+//! - [`cluster`]: a private three-node JetStream cluster whose nodes a scenario may
+//!   kill, pause, restart or cut off.
 //! - [`child`]: the relay and consumer child processes (`src/bin/`), killed with SIGKILL.
 //! - [`workload`]: the schema, the writers and the effect-recording consumer.
 //!
@@ -19,6 +21,7 @@
 
 pub mod checker;
 pub mod child;
+pub mod cluster;
 pub mod proxy;
 pub mod scenario;
 pub mod workload;

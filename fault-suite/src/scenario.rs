@@ -28,6 +28,10 @@ pub struct Run {
     pub rng: Rng,
     /// When it began.
     pub started: Instant,
+    /// How long the writers of [`start_workload`] spread their events over (10 s,
+    /// long: 90 s); a scenario whose faults last longer sets more, so that they all
+    /// meet a steady load.
+    pub load_over: Duration,
 }
 
 impl Run {
@@ -41,6 +45,7 @@ impl Run {
             scale,
             rng,
             started: Instant::now(),
+            load_over: scale.pick(Duration::from_secs(10), Duration::from_secs(90)),
         }
     }
 
@@ -200,12 +205,7 @@ pub async fn start_workload_with(
     let (stop_tx, stop) = watch::channel(false);
     let writers = spawn_writers(
         relay_service,
-        writer_plans(
-            4,
-            events,
-            run.scale
-                .pick(Duration::from_secs(10), Duration::from_secs(90)),
-        ),
+        writer_plans(4, events, run.load_over),
         &history,
         &mut run.rng,
         &stop,
