@@ -650,7 +650,7 @@ async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Res
     let service = env.service(true, settings).await?;
     truncate(service.pool()).await?;
     prefill("relay", &service, n).await?;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // The relay's own counter: polling count(*) over the outbox would load the Postgres
     // the relay is measured against.
     let limit = Duration::from_secs(60 + n as u64 / 500);
@@ -1108,7 +1108,7 @@ async fn relayed_service(env: &Env) -> Result<(EventService, edupulse_events::Re
     let held: Vec<_> =
         futures::future::try_join_all((0..20).map(|_| service.pool().acquire())).await?;
     drop(held);
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     Ok((service, relay))
 }
 
@@ -1490,7 +1490,7 @@ pub fn relay_child(limit_secs: Option<&str>) -> std::process::ExitCode {
     let result: Result<(), Error> = runtime.block_on(async {
         let service = EventService::connect(Config::from_env()?).await?;
         let n = pending(service.pool()).await?;
-        let relay = service.start_relay();
+        let relay = service.start_relay().await.expect("the relay starts");
         // The relay's own counter: count(*) over a million rows every few milliseconds
         // would slow the drain it measures.
         let took = wait_for_count(

@@ -16,6 +16,45 @@
 //! assert_eq!(entry.version(), 1);
 //! assert!(entry.is::<LessonPublished>());
 //! ```
+//!
+//! A whole service needs `edupulse-events`, `serde` and `tokio` in its `Cargo.toml`,
+//! nothing else: `sqlx` (and `time`, `uuid`, `async_nats`, `serde_json`) come
+//! re-exported, at the versions this crate is built with.
+//!
+//! ```no_run
+//! use edupulse_events::sqlx;
+//! use edupulse_events::{Config, DomainEvent, EventService, Received};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+//! #[event(name = "lesson.published")]
+//! struct LessonPublished { lesson_id: i64 }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let service = EventService::connect(Config::from_env()?).await?;
+//!     service.migrate().await?;
+//!     let relay = service.start_relay().await?;
+//!     let consumer = service
+//!         .consumer("indexer")
+//!         .on(|received: Received<LessonPublished>| async move {
+//!             println!("lesson {} published at {}", received.event.lesson_id, received.envelope.time);
+//!             Ok(())
+//!         })
+//!         .start()
+//!         .await?;
+//!     let mut tx = service.pool().begin().await?;
+//!     sqlx::query("UPDATE lessons SET published = true WHERE id = $1")
+//!         .bind(7_i64)
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     service.emit_in(&mut tx, LessonPublished { lesson_id: 7 }).await?;
+//!     tx.commit().await?;
+//!     consumer.shutdown().await?;
+//!     relay.shutdown().await?;
+//!     Ok(())
+//! }
+//! ```
 #![warn(missing_docs)]
 
 mod causation;
@@ -29,7 +68,17 @@ mod relay;
 mod service;
 mod subject;
 mod support;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod wire;
+
+// The crates whose types appear in this crate's API, so that a service depends on
+// `edupulse-events` (and `serde`, `tokio`) alone, at versions that match.
+pub use async_nats;
+pub use serde_json;
+pub use sqlx;
+pub use time;
+pub use uuid;
 
 pub use config::{
     Config, ConfigBuilder, ConfigError, NatsAuth, NatsTls, StreamPlacement, DEFAULT_NATS_URL,
@@ -38,17 +87,19 @@ pub use config::{
 pub use consumer::{
     ConsumerBuilder, ConsumerError, ConsumerErrorKind, ConsumerHandle, ConsumerSettings,
     DeadLetter, DeadReason, Envelope, HandlerError, ParseDeadReasonError, Received, StartFrom,
+    TxHandlerFn,
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{DomainEvent, SubjectError};
 pub use migrate::{grants_sql, migrator, MigrateError};
 pub use outbox::{
-    DeadEvent, EmitError, EmitErrorKind, EventState, OutboxStatus, Outgoing, Requeue,
+    DeadEvent, EmitError, EmitErrorKind, Emitter, EventState, OutboxError, OutboxStatus, Outgoing,
+    Requeue, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use registry::{
     registry, DecodeError, DecodedEvent, DuplicateName, EventType, Registry, RegistryError,
 };
-pub use relay::{RelayError, RelayHandle, RelaySettings};
+pub use relay::{RelayError, RelayHandle, RelaySettings, RelayStatus};
 pub use service::{ConnectError, ConnectErrorKind, EventService};
 pub use subject::{check_token, TokenProblem, MAX_TOKEN_LEN};
 pub use support::sql::SCHEMA;

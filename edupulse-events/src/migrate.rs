@@ -18,7 +18,7 @@ pub fn migrator() -> Migrator {
 }
 
 /// Migrating the outbox schema failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("migrating the edupulse outbox schema failed: {0}; check that the database user may create schemas and tables, and that edupulse._migrations was not edited by hand")]
 pub struct MigrateError(#[from] pub sqlx::migrate::MigrateError);
 
@@ -42,6 +42,15 @@ pub(crate) async fn up_to_date(pool: &PgPool) -> Result<bool, sqlx::Error> {
     }))
 }
 
+/// Applies the migrations unless every one is applied already (then it only reads).
+pub(crate) async fn run(pool: &PgPool) -> Result<(), MigrateError> {
+    if up_to_date(pool).await.unwrap_or(false) {
+        return Ok(());
+    }
+    migrator().run(pool).await?;
+    Ok(())
+}
+
 /// The grants that give each part of the library only the privileges it needs, as
 /// SQL: four roles (`edupulse_migrator`, `edupulse_writer`, `edupulse_relay`,
 /// `edupulse_consumer`), created if missing. Run it as a superuser or the schema's
@@ -51,3 +60,5 @@ pub(crate) async fn up_to_date(pool: &PgPool) -> Result<bool, sqlx::Error> {
 pub fn grants_sql() -> &'static str {
     include_str!("../sql/grants.sql")
 }
+
+crate::support::debug_as_display!(MigrateError);

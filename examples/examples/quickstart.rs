@@ -142,7 +142,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .messages()
         .await?;
 
-    let relay = service.start_relay();
+    let relay = service.start_relay().await?;
 
     // One transaction: the business row and its events commit (or roll back) together.
     let lesson = LessonPublished {

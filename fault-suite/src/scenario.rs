@@ -197,7 +197,7 @@ pub async fn start_workload_with(
 ) -> Workload {
     let check_pool = direct_pool(env).await;
     create_tables(&check_pool).await;
-    let relay = relay_service.start_relay();
+    let relay = relay_service.start_relay().await.expect("the relay starts");
     let consumer = consumer.start().await.expect("start the consumer");
     let js = env.jetstream().await;
     let events = run.scale.pick(2_000, 20_000);

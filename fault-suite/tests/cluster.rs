@@ -320,7 +320,7 @@ async fn a_service_starts_with_a_seed_down_and_refuses_other_replicas() {
     for attempt in 0..3 {
         // The client shuffles its seeds: three starts, each with the dead node listed.
         let service = env.service_with(env.config().stream_replicas(NODES)).await;
-        let relay = service.start_relay();
+        let relay = service.start_relay().await.expect("the relay starts");
         let js = env.jetstream().await;
         let before = try_stream_len(&js, &env.stream).await.unwrap_or(0);
         service
@@ -349,8 +349,7 @@ async fn a_service_starts_with_a_seed_down_and_refuses_other_replicas() {
         .expect("a valid configuration");
     let refused = edupulse_events::EventService::connect(config)
         .await
-        .err()
-        .expect("a stream of three replicas is not one of one");
+        .expect_err("a stream of three replicas is not one of one");
     let message = refused.to_string();
     assert!(
         message.contains("3 replica(s), not 1 (stream_replicas)"),

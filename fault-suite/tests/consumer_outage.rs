@@ -99,7 +99,7 @@ async fn a_commit_cut_by_a_killed_connection_is_retried_not_dead_lettered() {
     let service = env.service_with(suite_config(&env)).await;
     let check = direct_pool(&env).await;
     create_table(&check).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let (held_tx, mut held) = mpsc::unbounded_channel();
     let go = Arc::new(Notify::new());
     let consumer = recording(&service, settings(1), Some((held_tx, go.clone())))
@@ -161,7 +161,7 @@ async fn postgres_unreachable_for_many_tries_uses_up_no_delivery() {
     let service = env.service_with(suite_config(&env)).await;
     let check = direct_pool(&env).await;
     create_table(&check).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
 
     let proxy = FaultProxy::start(postgres_addr(&env)).await;
     let via = database_url_via(&env, proxy.addr());

@@ -321,7 +321,7 @@ async fn s4_postgres_connections_reset() {
         .await;
     let check_pool = direct_pool(&env).await;
     create_tables(&check_pool).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = effects_consumer(&consumer_service, GROUP, suite_consumer(), "in-process")
         .start()
         .await
@@ -496,7 +496,7 @@ async fn s5_long_open_transaction_holds_an_early_sequence() {
         .await;
     let check_pool = direct_pool(&env).await;
     create_tables(&check_pool).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = effects_consumer(&service, GROUP, suite_consumer(), "in-process")
         .start()
         .await
@@ -620,7 +620,7 @@ async fn consumer_killed_between_commit_and_ack(name: &'static str) -> Report {
     let service = env.service_with(suite_config(&env)).await;
     let check_pool = direct_pool(&env).await;
     create_tables(&check_pool).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
 
     let history = Arc::new(History::new());
@@ -790,7 +790,7 @@ async fn s7_pool_exhausted_by_business_transactions() {
     let consumer_service = env.service_with(suite_config(&env)).await;
     let check_pool = direct_pool(&env).await;
     create_tables(&check_pool).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = effects_consumer(&consumer_service, GROUP, suite_consumer(), "in-process")
         .start()
         .await
@@ -942,7 +942,7 @@ async fn s8_soak_with_retention_pruning() {
         .await;
     let check_pool = direct_pool(&env).await;
     create_tables(&check_pool).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = effects_consumer(
         &service,
         GROUP,

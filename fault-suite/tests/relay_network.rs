@@ -44,7 +44,7 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
 
     // A first event, so that the relay has published and knows the stream's tail:
     // the batch then goes out at once, without reading the stream first.
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let mut ids = vec![service
         .emit(Bulky {
             lane: 0,
@@ -139,12 +139,12 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
     let b = env
         .service_with(env.config().duplicate_window(window).relay(settings))
         .await;
-    let relay_a = a.start_relay();
+    let relay_a = a.start_relay().await.expect("the relay starts");
     wait_for(Duration::from_secs(30), "A to lead", || async {
         relay_a.is_leader()
     })
     .await;
-    let relay_b = b.start_relay();
+    let relay_b = b.start_relay().await.expect("the relay starts");
     let first = a
         .emit(Bulky {
             lane: 0,

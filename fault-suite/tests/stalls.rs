@@ -36,7 +36,10 @@ async fn a_relay_whose_postgres_connection_stalls_lets_go_and_stops_when_asked()
     let pool = direct_pool(&env).await;
 
     let mut ids: Vec<Uuid> = vec![direct.emit(StallEvent { counter: 0 }).await.unwrap()];
-    let stalled = stalled_service.start_relay();
+    let stalled = stalled_service
+        .start_relay()
+        .await
+        .expect("the relay starts");
     wait_for(
         WAIT,
         "the relay behind the proxy to lead and publish",
@@ -46,7 +49,7 @@ async fn a_relay_whose_postgres_connection_stalls_lets_go_and_stops_when_asked()
         },
     )
     .await;
-    let standby = direct.start_relay();
+    let standby = direct.start_relay().await.expect("the relay starts");
 
     // Bytes stop both ways; the connections stay open. The server ends the leader's
     // session (as it does when its keepalives find the peer gone), which frees the lock.

@@ -61,7 +61,7 @@ async fn setup() -> Setup {
         .execute(service.pool())
         .await
         .unwrap();
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     Setup {
         env,
         service,
@@ -225,7 +225,7 @@ async fn the_same_event_published_again_past_the_duplicate_window_is_applied_onc
         .execute(service.pool())
         .await
         .unwrap();
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     let id = service
         .emit(LessonPublished { lesson_id: 5 })
@@ -1007,4 +1007,58 @@ async fn a_new_group_starting_at_new_events_handles_them_at_once() {
     assert_eq!(*calls.lock().unwrap(), vec![10]);
     late.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
+}
+
+/// A named `async fn` handler for [`ConsumerBuilder::on_tx_fn`]: no `Box::pin`.
+async fn apply_lesson(
+    tx: &mut sqlx::PgConnection,
+    received: Received<LessonPublished>,
+) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, $2)")
+        .bind(received.envelope.id)
+        .bind(format!("lesson {}", received.event.lesson_id))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_async_fn_is_an_on_tx_handler_and_applies_each_event_once() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let consumer = service
+        .consumer("indexer")
+        .settings(fast())
+        .on_tx_fn(apply_lesson)
+        .start()
+        .await
+        .expect("start");
+    for lesson_id in 0..5 {
+        service.emit(LessonPublished { lesson_id }).await.unwrap();
+    }
+    wait_for(WAIT, "five effects", || async {
+        count(&service, "SELECT count(*) FROM effects").await == 5
+    })
+    .await;
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM effects ORDER BY note")
+        .fetch_all(service.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        notes,
+        (0..5).map(|n| format!("lesson {n}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        count(
+            &service,
+            "SELECT count(*) FROM edupulse.inbox WHERE consumer_group = 'indexer'"
+        )
+        .await,
+        5
+    );
+    consumer.shutdown().await.expect("consumer");
+    relay.shutdown().await.expect("relay");
 }

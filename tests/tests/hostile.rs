@@ -103,7 +103,7 @@ async fn a_row_whose_subject_nats_refuses_goes_dead_and_later_events_are_publish
         .emit(LessonPublished { lesson_id: 1 })
         .await
         .unwrap();
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_for(
         WAIT,
         "the event after the bad row to be published",
@@ -186,7 +186,7 @@ async fn another_publisher_on_the_prefix_costs_at_most_one_batch_and_our_order_h
     })
     .await;
 
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_for(WAIT, "every event to be published", || async {
         service.outbox_status().await.unwrap().pending == 0 && relay.published() == 3_000
     })
@@ -224,7 +224,7 @@ async fn with_another_publisher_our_order_holds_across_a_nats_restart() {
     let stop = Arc::new(AtomicBool::new(false));
     let client = async_nats::connect(env.nats_url.as_str()).await.unwrap();
     let publisher = foreign_publisher(client, format!("{}.other.stuff", env.prefix), stop.clone());
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_for(WAIT, "some events to be published", || async {
         relay.published() >= 200
     })
@@ -266,7 +266,7 @@ async fn a_message_with_headers_no_client_can_parse_at_the_streams_tail_does_not
             .emit(LessonPublished { lesson_id: 7 })
             .await
             .unwrap();
-        let relay = service.start_relay();
+        let relay = service.start_relay().await.expect("the relay starts");
         wait_for(WAIT, "the event after the unparseable message", || async {
             service.event_state(id).await.unwrap() == Some(EventState::Published)
         })
@@ -311,7 +311,7 @@ async fn a_subject_longer_than_nats_carries_is_refused_at_emit_and_the_longest_a
         .emit(HandWritten { subject: longest })
         .await
         .expect("the longest subject");
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_for(WAIT, "the longest subject to be published", || async {
         service.event_state(id).await.unwrap() == Some(EventState::Published)
     })

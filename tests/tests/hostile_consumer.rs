@@ -101,7 +101,7 @@ fn event_headers(id: Uuid, name: &str) -> async_nats::HeaderMap {
 async fn a_foreign_message_with_nul_bytes_is_dead_lettered_losslessly_and_the_group_goes_on() {
     let (env, service) = setup().await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = service
         .consumer("grading")
         .settings(fast())
@@ -149,7 +149,7 @@ async fn a_foreign_message_with_nul_bytes_is_dead_lettered_losslessly_and_the_gr
 #[tokio::test]
 async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_group_goes_on() {
     let (_env, service) = setup().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let calls = Arc::new(AtomicU32::new(0));
     let seen = calls.clone();
     let consumer = service
@@ -287,7 +287,7 @@ async fn a_message_of_an_unknown_type_keeps_its_event_id_in_the_dead_letter() {
 async fn a_handler_that_emits_with_the_pool_exhausted_is_not_blamed_and_the_event_is_handled() {
     let env = TestEnv::new().await;
     let service = env.service().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // The consumer's service has a pool of two, which the test takes for a while: the
     // handlers' own emits time out waiting for a connection.
     let small = env
@@ -354,7 +354,7 @@ async fn a_handler_that_emits_with_the_pool_exhausted_is_not_blamed_and_the_even
 #[tokio::test]
 async fn an_instance_whose_lane_dies_fails_visibly_and_its_messages_come_back() {
     let (_env, service) = setup().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // Long enough that the message's redelivery (which finds the dead lane) comes
     // well after the failure must have been seen.
     let ack_wait = Duration::from_secs(8);
@@ -399,7 +399,7 @@ async fn an_instance_whose_lane_dies_fails_visibly_and_its_messages_come_back() 
 #[tokio::test]
 async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_letters() {
     let (env, service) = setup().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // Such a message drops the connection it arrives on, so the group never sees it:
     // JetStream gives it up after `max_redeliveries`, and the group records it raw.
     let consumer = service
@@ -462,7 +462,7 @@ async fn messages_with_headers_no_client_can_parse_become_undeliverable_dead_let
 #[tokio::test]
 async fn events_read_with_an_unparseable_message_are_handled_in_order_and_not_given_up() {
     let (env, service) = setup().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let subject = format!("{}.lesson.published", env.prefix);
     let js = env.jetstream().await;
     let emit = |from: i64| {
@@ -527,7 +527,7 @@ async fn events_read_with_an_unparseable_message_are_handled_in_order_and_not_gi
 #[tokio::test]
 async fn a_handler_that_never_finishes_is_abandoned_at_handler_timeout_and_the_subject_goes_on() {
     let (_env, service) = setup().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let consumer = service
         .consumer("grading")
         .settings(ConsumerSettings {

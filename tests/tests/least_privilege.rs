@@ -149,7 +149,7 @@ async fn each_part_runs_with_only_its_grants() {
         .migrate()
         .await
         .expect("migrate is a no-op for the relay");
-    let relay = relay_service.start_relay();
+    let relay = relay_service.start_relay().await.expect("the relay starts");
     wait_for(WAIT, "the relay to publish under its role", || async {
         writer.outbox_status().await.unwrap().pending == 0
     })

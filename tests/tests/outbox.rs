@@ -51,7 +51,7 @@ async fn an_emitted_event_is_published_with_cloudevents_headers() {
     let env = TestEnv::new().await;
     let service = env.service().await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
 
     let student = Uuid::now_v7();
     let correlation = Uuid::now_v7();
@@ -113,7 +113,7 @@ async fn a_rolled_back_event_is_never_published() {
     let env = TestEnv::new().await;
     let service = env.service().await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
 
     let mut tx = service.pool().begin().await.unwrap();
     let rolled_back = service.emit_in(&mut tx, lesson(1)).await.unwrap();
@@ -355,7 +355,7 @@ async fn the_largest_event_emit_accepts_is_published() {
         }
     }
     let id = id.expect("an event at the limit is accepted");
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_stream_len(&env, &js, 2).await;
     assert_eq!(env.stream_ids(&js).await, vec![first, id]);
     assert_eq!(service.outbox_status().await.unwrap().dead, 0);
@@ -514,7 +514,7 @@ async fn a_rejected_event_goes_dead_without_blocking_the_rest_and_can_be_requeue
         .unwrap();
     let after = service.emit(lesson(3)).await.unwrap();
 
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     wait_stream_len(&env, &js, 2).await;
     wait_for(WAIT, "the poison event to be dead", || async {
         service.outbox_status().await.unwrap().dead == 1
@@ -596,7 +596,7 @@ async fn published_rows_are_pruned_after_retention() {
         }))
         .await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     service.emit_all((0..50).map(lesson)).await.unwrap();
     wait_stream_len(&env, &js, 50).await;
     wait_for(WAIT, "published rows to be deleted", || async {
@@ -618,7 +618,7 @@ async fn published_rows_are_pruned_after_retention() {
             ..TestEnv::fast_relay()
         }))
         .await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     service.emit_all((0..40).map(lesson)).await.unwrap();
     wait_stream_len(&env, &js, 90).await;
     wait_for(WAIT, "published rows to be pruned", || async {

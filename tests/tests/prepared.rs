@@ -42,7 +42,7 @@ async fn an_orphaned_prepared_transaction_is_waited_for_once_not_at_every_fence(
         .await
         .unwrap();
 
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // The first fence waits for it (it might still commit), up to order_wait_limit.
     let first = service.emit(GradeRecorded { n: 1 }).await.unwrap();
     wait_for(

@@ -2,7 +2,10 @@
 //! ack and mark, several relays at once, a killed leader connection and a killed
 //! LISTEN connection.
 
-use edupulse_events::{DomainEvent, EventService, EventState, RelaySettings};
+use edupulse_events::{
+    ConsumerErrorKind, DomainEvent, EventService, EventState, OutboxError, RelayError,
+    RelaySettings, RelayStatus, Requeue,
+};
 use edupulse_events_tests::{wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -48,7 +51,7 @@ async fn events_emitted_while_nats_is_down_are_delivered_in_order_once() {
     let mut nats = NatsServer::start().await;
     let env = TestEnv::with_nats(nats.url()).await;
     let service = env.service().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
 
     let first = service.emit(quiz(0, 0)).await.unwrap();
@@ -76,6 +79,12 @@ async fn events_emitted_while_nats_is_down_are_delivered_in_order_once() {
     })
     .await;
     assert_eq!(pending(&service).await, 100);
+    // The handle says so, with the last error.
+    wait_for(WAIT, "the relay to report that it is failing", || async {
+        matches!(relay.status(), RelayStatus::Failing(_))
+    })
+    .await;
+    assert!(relay.last_error().is_some());
 
     nats.restart().await;
     wait_for(
@@ -84,6 +93,11 @@ async fn events_emitted_while_nats_is_down_are_delivered_in_order_once() {
         || async { pending(&service).await == 0 },
     )
     .await;
+    wait_for(WAIT, "the relay to report that it leads again", || async {
+        relay.status() == RelayStatus::Leading
+    })
+    .await;
+    assert_eq!(relay.last_error(), None);
     let expected = ids_in_seq_order(&service).await;
     assert_eq!(expected[0], first);
     let js = {
@@ -100,7 +114,7 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
     let service = env.service().await;
     let js = env.jetstream().await;
 
-    let doomed = service.start_relay();
+    let doomed = service.start_relay().await.expect("the relay starts");
     doomed.crash_before_mark();
     let ids = service.emit_all((0..50).map(|c| quiz(1, c))).await.unwrap();
     wait_for(WAIT, "the doomed relay to publish and die", || async {
@@ -113,7 +127,7 @@ async fn a_relay_dying_between_ack_and_mark_leaves_one_copy_per_event() {
     assert_eq!(env.stream_len(&js).await, 50);
     assert_eq!(pending(&service).await, 50);
 
-    let next = service.start_relay();
+    let next = service.start_relay().await.expect("the relay starts");
     // Counted once the relay has seen its mark written, a moment after the database.
     wait_for(
         WAIT,
@@ -136,7 +150,10 @@ async fn three_relays_and_eight_writers_publish_each_event_once_in_sequence_orde
         env.service().await,
         env.service().await,
     ];
-    let relays: Vec<_> = services.iter().map(|s| s.start_relay()).collect();
+    let mut relays = Vec::new();
+    for service in &services {
+        relays.push(service.start_relay().await.expect("the relay starts"));
+    }
     let js = env.jetstream().await;
 
     let writers: Vec<_> = (0..8u32)
@@ -200,8 +217,8 @@ async fn killing_the_leaders_connection_hands_over_without_loss() {
     let env = TestEnv::new().await;
     let a = env.service().await;
     let b = env.service().await;
-    let relay_a = a.start_relay();
-    let relay_b = b.start_relay();
+    let relay_a = a.start_relay().await.expect("the relay starts");
+    let relay_b = b.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     wait_for(WAIT, "a leader", || async {
         relay_a.is_leader() || relay_b.is_leader()
@@ -252,7 +269,7 @@ async fn killing_the_listen_connection_still_delivers_within_the_poll_interval()
             ..TestEnv::fast_relay()
         }))
         .await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     let first = service.emit(quiz(3, 0)).await.unwrap();
     wait_for(WAIT, "the first event", || async {
@@ -301,7 +318,7 @@ async fn without_notifications_the_poll_interval_delivers() {
             ..TestEnv::fast_relay()
         }))
         .await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     wait_for(WAIT, "the relay to lead", || async { relay.is_leader() }).await;
     let mut ids = Vec::new();
@@ -323,23 +340,69 @@ async fn without_notifications_the_poll_interval_delivers() {
 }
 
 #[tokio::test]
-async fn a_relay_started_before_the_migrations_publishes_once_they_are_applied() {
+async fn a_relay_shut_down_while_failing_returns_the_failure() {
+    let mut nats = NatsServer::start().await;
+    let env = TestEnv::with_nats(nats.url()).await;
+    let service = env.service().await;
+    let relay = service.start_relay().await.expect("the relay starts");
+    wait_for(WAIT, "the relay to lead", || async { relay.is_leader() }).await;
+    nats.kill();
+    service
+        .emit(quiz(0, 0))
+        .await
+        .expect("emit works without NATS");
+    wait_for(WAIT, "the relay to report that it is failing", || async {
+        matches!(relay.status(), RelayStatus::Failing(_))
+    })
+    .await;
+    let error = relay
+        .shutdown()
+        .await
+        .expect_err("a failing relay's shutdown says so");
+    assert!(matches!(error, RelayError::Failing(_)), "{error:?}");
+    assert!(error.to_string().contains("failing"), "{error}");
+}
+
+#[tokio::test]
+async fn every_call_before_the_migrations_says_not_migrated_then_works_once_they_are_applied() {
     let env = TestEnv::new().await;
     let service = EventService::connect(env.config().build().unwrap())
         .await
         .unwrap();
-    let relay = service.start_relay();
-    // It takes the lead, finds no outbox, and waits.
-    wait_for(WAIT, "the relay to try to lead", || async {
-        leader_pid(&service).await.is_some() || relay.is_leader()
-    })
-    .await;
-    assert!(
-        !relay.is_finished(),
-        "a missing outbox does not end the relay"
+    let refused = service
+        .start_relay()
+        .await
+        .expect_err("no relay without an outbox");
+    assert!(matches!(refused, RelayError::NotMigrated), "{refused:?}");
+    assert!(refused.to_string().contains("migrate()"), "{refused}");
+    let not_migrated = |result: Result<(), OutboxError>, call: &str| match result {
+        Err(OutboxError::NotMigrated) => {}
+        other => panic!("{call} before migrate() gave {other:?}"),
+    };
+    not_migrated(service.outbox_status().await.map(drop), "outbox_status");
+    not_migrated(service.dead_events(10).await.map(drop), "dead_events");
+    not_migrated(
+        service.requeue_dead(Requeue::All).await.map(drop),
+        "requeue_dead",
+    );
+    not_migrated(
+        service.event_state(Uuid::now_v7()).await.map(drop),
+        "event_state",
+    );
+    let consumer = service
+        .consumer("early")
+        .on(|_: edupulse_events::Received<QuizSubmitted>| async { Ok(()) })
+        .start()
+        .await
+        .expect_err("no consumer without an inbox");
+    assert_eq!(
+        consumer.kind(),
+        ConsumerErrorKind::NotMigrated,
+        "{consumer}"
     );
 
     service.migrate().await.unwrap();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     let id = service.emit(quiz(5, 0)).await.unwrap();
     wait_for(WAIT, "the event, once the outbox exists", || async {
@@ -359,7 +422,7 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
             ..TestEnv::fast_relay()
         }))
         .await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     let idle = || async {
         sqlx::query_scalar::<_, bool>("SELECT last_value = 1 FROM edupulse.relay_idle")
@@ -445,7 +508,7 @@ async fn large_events_make_smaller_batches() {
         before += size;
     }
 
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let js = env.jetstream().await;
     wait_for(WAIT, "every event", || async { relay.published() == 20 }).await;
     assert_eq!(relay.batches(), expected, "batches for bodies of {sizes:?}");
@@ -476,7 +539,7 @@ async fn a_published_batch_moves_the_mark_instead_of_marking_each_event() {
         .service_with(env.config().relay(TestEnv::fast_relay()))
         .await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     let ids = service
         .emit_all((0..100).map(|counter| quiz(0, counter)))
         .await
@@ -513,7 +576,7 @@ async fn past_order_wait_limit_the_mark_waits_for_the_held_transaction() {
         }))
         .await;
     let js = env.jetstream().await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     // An open transaction holds the first event.
     let mut open = service.pool().begin().await.unwrap();
     let held = service.emit_in(&mut open, quiz(0, 0)).await.unwrap();

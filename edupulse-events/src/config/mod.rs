@@ -127,7 +127,7 @@ impl fmt::Debug for Config {
 }
 
 /// A setting is missing or invalid.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// `DATABASE_URL` is not set.
@@ -741,3 +741,5 @@ mod tests {
         );
     }
 }
+
+crate::support::debug_as_display!(ConfigError);

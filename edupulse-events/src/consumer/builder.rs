@@ -90,6 +90,10 @@ impl ConsumerBuilder {
     ///
     /// The handler returns a boxed future that borrows the transaction, as sqlx's
     /// `Connection::transaction` does: `|tx, received| Box::pin(async move { ... })`.
+    /// A closure needs the `Box::pin`: stable Rust cannot yet say that the future a
+    /// closure returns borrows the closure's argument for exactly as long as the
+    /// argument lives. A named `async fn` can say it: pass one to
+    /// [`on_tx_fn`](ConsumerBuilder::on_tx_fn), with no `Box::pin`.
     pub fn on_tx<E, F>(mut self, handler: F) -> Self
     where
         E: DomainEvent,
@@ -108,6 +112,37 @@ impl ConsumerBuilder {
         });
         self.routes.push(Route::of::<E>(Call::Tx(call)));
         self
+    }
+
+    /// [`on_tx`](ConsumerBuilder::on_tx) for a named `async fn` (or any function whose
+    /// future borrows the transaction), with no `Box::pin`:
+    ///
+    /// ```no_run
+    /// # use edupulse_events::{DomainEvent, EventService, HandlerError, Received};
+    /// # use edupulse_events::sqlx::PgConnection;
+    /// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
+    /// # #[event(name = "lesson.published")]
+    /// # struct LessonPublished { lesson_id: i64 }
+    /// async fn index(tx: &mut PgConnection, received: Received<LessonPublished>) -> Result<(), HandlerError> {
+    ///     sqlx::query("INSERT INTO lesson_index (id) VALUES ($1)")
+    ///         .bind(received.event.lesson_id)
+    ///         .execute(&mut *tx)
+    ///         .await?;
+    ///     Ok(())
+    /// }
+    /// # async fn run(service: EventService) -> Result<(), Box<dyn std::error::Error>> {
+    /// let consumer = service.consumer("indexer").on_tx_fn(index).start().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A closure that needs captured state (an emitter, a client) can call such a
+    /// function: `.on_tx(move |tx, r| Box::pin(grade(emitter.clone(), tx, r)))`.
+    pub fn on_tx_fn<E, F>(self, handler: F) -> Self
+    where
+        E: DomainEvent,
+        F: for<'c> TxHandlerFn<'c, E>,
+    {
+        self.on_tx::<E, _>(move |tx, received| Box::pin(handler.call(tx, received)))
     }
 
     /// Replaces every setting.
@@ -287,6 +322,31 @@ fn version_at_least(version: &str, major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     found >= (major, minor)
+}
+
+/// A function that handles an event of type `E` in the transaction `&'c mut
+/// PgConnection` and returns a future borrowing it: what an `async fn(&mut
+/// PgConnection, Received<E>) -> Result<(), HandlerError>` is. Implemented for every
+/// such function; see [`ConsumerBuilder::on_tx_fn`].
+pub trait TxHandlerFn<'c, E>: Send + Sync + 'static {
+    /// The handler's future.
+    type Future: Future<Output = Result<(), HandlerError>> + Send + 'c;
+
+    /// Calls the handler.
+    fn call(&self, tx: &'c mut PgConnection, received: Received<E>) -> Self::Future;
+}
+
+impl<'c, E, F, Fut> TxHandlerFn<'c, E> for F
+where
+    E: 'c,
+    F: Fn(&'c mut PgConnection, Received<E>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'c,
+{
+    type Future = Fut;
+
+    fn call(&self, tx: &'c mut PgConnection, received: Received<E>) -> Fut {
+        self(tx, received)
+    }
 }
 
 #[cfg(test)]

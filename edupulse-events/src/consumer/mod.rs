@@ -52,7 +52,7 @@ mod route;
 mod settings;
 mod undeliverable;
 
-pub use builder::ConsumerBuilder;
+pub use builder::{ConsumerBuilder, TxHandlerFn};
 pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError};
 pub use envelope::{Envelope, HandlerError, Received};
 pub use settings::{ConsumerSettings, StartFrom};
@@ -88,7 +88,7 @@ pub enum ConsumerErrorKind {
 }
 
 /// A consumer group could not start.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum ConsumerError {
     /// The group name cannot be a JetStream durable name.
@@ -336,3 +336,5 @@ mod tests {
         );
     }
 }
+
+crate::support::debug_as_display!(ConsumerError);

@@ -1,10 +1,12 @@
 //! Looking at the outbox and acting on it: what is pending or dead, where one event
 //! stands, and putting dead events back in line.
 
-use crate::service::EventService;
+use super::Emitter;
+use crate::support::pg::is_undefined_table;
 use crate::support::sql::{NOTIFY, OUTBOX, OUTBOX_SEQ, PENDING_EVENTS, RELAY_PROGRESS};
 use const_format::formatcp;
 use sqlx::Row;
+use std::fmt;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -55,13 +57,13 @@ const EVENT_STATE: &str = formatcp!(
      WHERE o.id = $1"
 );
 
-/// The state of the outbox, as [`EventService::outbox_status`] sees it.
+/// The state of the outbox, as [`Emitter::outbox_status`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OutboxStatus {
     /// Committed events not yet published.
     pub pending: i64,
-    /// Events JetStream rejected for good; see [`EventService::requeue_dead`].
+    /// Events JetStream rejected for good; see [`Emitter::requeue_dead`].
     pub dead: i64,
     /// How long the oldest pending event has waited; zero when none is pending.
     pub oldest_pending_age: Duration,
@@ -75,7 +77,56 @@ pub struct OutboxStatus {
     pub last_foreign_message_age: Option<Duration>,
 }
 
-/// Which dead events [`EventService::requeue_dead`] puts back in line.
+/// A call that reads or changes the outbox failed.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The outbox tables do not exist yet.
+    #[error("the outbox tables (schema edupulse) do not exist; call migrate() at start-up (EventService::migrate or Emitter::migrate)")]
+    NotMigrated,
+    /// Postgres failed.
+    #[error("reading the outbox failed: {0}; check that Postgres answers and that the role has the grants in grants_sql()")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for OutboxError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_undefined_table(&error) {
+            OutboxError::NotMigrated
+        } else {
+            OutboxError::Database(error)
+        }
+    }
+}
+
+impl fmt::Display for OutboxStatus {
+    /// One line: `12 pending (oldest 1.2 s, sequence 3456), 0 dead`, and the foreign
+    /// messages when there were any.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} pending", self.pending)?;
+        if let Some(seq) = self.oldest_pending_seq {
+            write!(
+                f,
+                " (oldest {:.1} s, sequence {seq})",
+                self.oldest_pending_age.as_secs_f64()
+            )?;
+        }
+        write!(f, ", {} dead", self.dead)?;
+        if self.foreign_messages > 0 {
+            write!(
+                f,
+                ", {} foreign messages in the stream",
+                self.foreign_messages
+            )?;
+            if let Some(age) = self.last_foreign_message_age {
+                write!(f, " (last {:.0} s ago)", age.as_secs_f64())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which dead events [`Emitter::requeue_dead`] puts back in line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requeue {
     /// Every dead event.
@@ -84,7 +135,7 @@ pub enum Requeue {
     Ids(Vec<Uuid>),
 }
 
-/// A dead event, as [`EventService::dead_events`] lists it.
+/// A dead event, as [`Emitter::dead_events`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadEvent {
@@ -100,12 +151,13 @@ pub struct DeadEvent {
     pub last_error: Option<String>,
 }
 
-impl EventService {
+impl Emitter {
     /// Counts pending and dead events and measures the oldest pending one.
     ///
     /// # Errors
-    /// The Postgres error, if the query failed.
-    pub async fn outbox_status(&self) -> Result<OutboxStatus, sqlx::Error> {
+    /// [`OutboxError`]: `NotMigrated` before [`migrate`](Emitter::migrate), else
+    /// the Postgres error.
+    pub async fn outbox_status(&self) -> Result<OutboxStatus, OutboxError> {
         let row = sqlx::query(STATUS).fetch_one(&self.inner.pool).await?;
         let age: Option<f64> = row.try_get("age")?;
         Ok(OutboxStatus {
@@ -123,13 +175,15 @@ impl EventService {
     /// Lists dead events, oldest first, at most `limit`.
     ///
     /// # Errors
-    /// The Postgres error, if the query failed.
-    pub async fn dead_events(&self, limit: i64) -> Result<Vec<DeadEvent>, sqlx::Error> {
+    /// [`OutboxError`]: `NotMigrated` before [`migrate`](Emitter::migrate), else
+    /// the Postgres error.
+    pub async fn dead_events(&self, limit: i64) -> Result<Vec<DeadEvent>, OutboxError> {
         let rows = sqlx::query(DEAD_EVENTS)
             .bind(limit)
             .fetch_all(&self.inner.pool)
             .await?;
-        rows.iter()
+        let dead: Result<Vec<DeadEvent>, sqlx::Error> = rows
+            .iter()
             .map(|row| {
                 Ok(DeadEvent {
                     id: row.try_get("id")?,
@@ -139,14 +193,16 @@ impl EventService {
                     last_error: row.try_get("last_error")?,
                 })
             })
-            .collect()
+            .collect();
+        Ok(dead?)
     }
 
     /// Puts dead events back in line for the relay; returns how many.
     ///
     /// # Errors
-    /// The Postgres error, if the update failed.
-    pub async fn requeue_dead(&self, which: Requeue) -> Result<u64, sqlx::Error> {
+    /// [`OutboxError`]: `NotMigrated` before [`migrate`](Emitter::migrate), else
+    /// the Postgres error.
+    pub async fn requeue_dead(&self, which: Requeue) -> Result<u64, OutboxError> {
         // Each gets a new sequence number, in the order they had: the relay's mark
         // (`published_through`) may be past their old one, and they are published after
         // everything emitted so far anyway.
@@ -168,8 +224,9 @@ impl EventService {
     /// committed, or published and pruned after the retention).
     ///
     /// # Errors
-    /// The Postgres error, if the query failed.
-    pub async fn event_state(&self, id: Uuid) -> Result<Option<EventState>, sqlx::Error> {
+    /// [`OutboxError`]: `NotMigrated` before [`migrate`](Emitter::migrate), else
+    /// the Postgres error.
+    pub async fn event_state(&self, id: Uuid) -> Result<Option<EventState>, OutboxError> {
         let state: Option<(bool, bool)> = sqlx::query_as(EVENT_STATE)
             .bind(id)
             .fetch_optional(&self.inner.pool)
@@ -182,7 +239,7 @@ impl EventService {
     }
 }
 
-/// Where an event stands in the outbox, as [`EventService::event_state`] reads it.
+/// Where an event stands in the outbox, as [`Emitter::event_state`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EventState {
@@ -190,6 +247,8 @@ pub enum EventState {
     Pending,
     /// In the stream, acknowledged by JetStream.
     Published,
-    /// JetStream rejected it for good; see [`EventService::requeue_dead`].
+    /// JetStream rejected it for good; see [`Emitter::requeue_dead`].
     Dead,
 }
+
+crate::support::debug_as_display!(OutboxError);

@@ -1,17 +1,18 @@
 //! Writing events into the outbox, and looking at it.
 //!
-//! [`EventService::emit`] and its siblings write events beside the caller's business
-//! rows; [`prepare`] checks and encodes each event first, [`sql`] holds the statements,
+//! [`Emitter::emit`] and its siblings (also on [`EventService`](crate::EventService))
+//! write events beside the caller's business rows, with Postgres alone ([`emitter`]); [`prepare`] checks and encodes each event first, [`sql`] holds the statements,
 //! and [`admin`] answers what is pending or dead and puts dead events back in line.
 
 mod admin;
+mod emitter;
 mod prepare;
 mod sql;
 
-pub use admin::{DeadEvent, EventState, OutboxStatus, Requeue};
+pub use admin::{DeadEvent, EventState, OutboxError, OutboxStatus, Requeue};
+pub use emitter::{Emitter, DEFAULT_MAX_MESSAGE_SIZE};
 
 use crate::event::SubjectError;
-use crate::service::EventService;
 use crate::support::pg::{is_no_transaction, is_undefined_table};
 use crate::DomainEvent;
 use prepare::{version_i32, Prepared};
@@ -108,7 +109,7 @@ pub enum EmitErrorKind {
 }
 
 /// An event could not be emitted; nothing was written.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum EmitError {
     /// A field's value cannot stand in the subject.
@@ -190,7 +191,7 @@ impl From<sqlx::Error> for EmitError {
     }
 }
 
-impl EventService {
+impl Emitter {
     /// Emits one event in a transaction of its own; returns its id.
     ///
     /// # Errors
@@ -209,17 +210,17 @@ impl EventService {
     /// published if and only if that transaction commits. Returns the event's id.
     ///
     /// ```no_run
-    /// # use edupulse_events::{DomainEvent, EventService};
+    /// # use edupulse_events::{DomainEvent, Emitter};
     /// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
     /// # #[event(name = "lesson.published")]
     /// # struct LessonPublished { lesson_id: i64 }
-    /// # async fn run(service: EventService) -> Result<(), Box<dyn std::error::Error>> {
-    /// let mut tx = service.pool().begin().await?;
+    /// # async fn run(emitter: Emitter) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = emitter.pool().begin().await?;
     /// sqlx::query("UPDATE lessons SET published = true WHERE id = $1")
     ///     .bind(7_i64)
     ///     .execute(&mut *tx)
     ///     .await?;
-    /// service.emit_in(&mut tx, LessonPublished { lesson_id: 7 }).await?;
+    /// emitter.emit_in(&mut tx, LessonPublished { lesson_id: 7 }).await?;
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```
@@ -255,7 +256,11 @@ impl EventService {
                 .fetch_optional(&mut *conn)
                 .await?;
             match row {
-                Some(_) => Ok(prepared.id),
+                Some(_) => {
+                    #[cfg(feature = "testing")]
+                    prepared.record::<E>();
+                    Ok(prepared.id)
+                }
                 None => Err(self.too_large::<E>(conn, &[&prepared]).await),
             }
         }
@@ -401,6 +406,10 @@ impl EventService {
             let chunk: Vec<&Prepared> = chunk.iter().collect();
             return Err(self.too_large::<E>(conn, &chunk).await);
         }
+        #[cfg(feature = "testing")]
+        chunk.iter().for_each(Prepared::record::<E>);
         Ok(chunk.iter().map(|p| p.id).collect())
     }
 }
+
+crate::support::debug_as_display!(EmitError);

@@ -3,8 +3,7 @@
 //! the stream accept.
 
 use super::sql::JSONB_SIZES;
-use super::{EmitError, Outgoing};
-use crate::service::EventService;
+use super::{EmitError, Emitter, Outgoing};
 use crate::subject::{check_name, check_subject};
 use crate::wire::{valid_traceparent, Outbound};
 use crate::DomainEvent;
@@ -26,6 +25,22 @@ pub(super) struct Prepared {
     /// Whether the insert must check the printed size: `None` when it cannot exceed
     /// `body_limit` (see [`printed_fits`]), which spares Postgres printing the JSONB.
     pub check_limit: Option<i64>,
+}
+
+#[cfg(feature = "testing")]
+impl Prepared {
+    /// Tells a running [`crate::testing::capture`] that this event was written.
+    pub(super) fn record<E: DomainEvent>(&self) {
+        crate::testing::record(|| crate::testing::EmittedEvent {
+            id: self.id,
+            name: E::NAME,
+            version: E::VERSION,
+            subject: self.subject.clone(),
+            payload: serde_json::from_str(&self.payload).unwrap_or(serde_json::Value::Null),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+        });
+    }
 }
 
 /// Whether compact JSON, as Postgres prints it as JSONB, surely fits in `limit` bytes.
@@ -79,7 +94,7 @@ fn check_definition<E: DomainEvent>(subject: &str) -> Result<(), EmitError> {
     })
 }
 
-impl EventService {
+impl Emitter {
     pub(super) fn prepare<E: DomainEvent>(
         &self,
         outgoing: Outgoing<E>,

@@ -72,6 +72,8 @@ impl Election {
                 Ok(conn) => conn,
                 Err(error) => {
                     tracing::warn!(%error, "relay cannot reach Postgres; retrying");
+                    self.state
+                        .failing(format!("cannot reach Postgres: {error}; retrying"));
                     return Round::Wait(settings.standby_interval);
                 }
             },
@@ -84,11 +86,14 @@ impl Election {
         match locked {
             Ok(true) => self.lead(conn).await,
             Ok(false) => {
+                self.state.recovered();
                 self.standby = Some(conn);
                 Round::Wait(settings.standby_interval)
             }
             Err(error) => {
                 tracing::warn!(%error, "relay cannot try the leader lock; retrying");
+                self.state
+                    .failing(format!("cannot try the leader lock: {error}; retrying"));
                 Round::Wait(settings.standby_interval)
             }
         }
@@ -138,11 +143,16 @@ impl Election {
                     "the outbox tables are missing: call EventService::migrate() \
                      (or apply the migrations) before the relay can publish"
                 );
+                self.state.failing(
+                    "the outbox tables are missing: call EventService::migrate() before the relay can publish",
+                );
                 let _ = conn.close().within(settings.statement_timeout).await;
                 Round::Wait(settings.retry_max)
             }
             Err(error) => {
                 tracing::warn!(%error, "relay lost its leader connection; standing by");
+                self.state
+                    .failing(format!("lost its leader connection to Postgres: {error}"));
                 drop(conn);
                 Round::Wait(settings.retry_base)
             }

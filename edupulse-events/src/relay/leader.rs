@@ -303,6 +303,8 @@ impl Leader<'_> {
             }
             return Ok(Step::Next);
         }
+        // Leading with nothing left to publish: whatever failed before works now.
+        self.state.recovered();
         self.pruner
             .maybe_prune(self.conn, self.settings, self.marker.through())
             .await?;
@@ -342,6 +344,8 @@ impl Leader<'_> {
                     self.tail_failures,
                 );
                 tracing::warn!(error = %why, retry_in = ?delay, "relay cannot read the stream; retrying");
+                self.state
+                    .failing(format!("cannot read the stream from NATS: {why}; retrying"));
                 if self.failing_too_long() {
                     return Err(Step::End(Led::Yielded));
                 }
@@ -416,6 +420,10 @@ impl Leader<'_> {
             .await?;
         let mut retry_in = None;
         if let Some((row, why)) = &sorted.retry {
+            self.state.failing(format!(
+                "publishing event {} ({}) failed: {why}; retrying",
+                row.id, row.name
+            ));
             retry_in = Some(mark::record_failure(self.conn, self.settings, row, why).await?);
         }
         if let Some((row, why)) = &sorted.out_of_chain {
@@ -440,6 +448,9 @@ impl Leader<'_> {
         self.chain_broken |= marked.out_of_chain;
         if marked.published > 0 || marked.retry_in.is_none() {
             self.failing_since = None;
+            if marked.retry_in.is_none() {
+                self.state.recovered();
+            }
         } else if self.failing_too_long() {
             tracing::warn!(
                 failing_for = ?self.failing_since.map(|since| since.elapsed()),

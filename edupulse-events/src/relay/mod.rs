@@ -24,8 +24,11 @@ mod wake;
 pub use settings::RelaySettings;
 
 use crate::service::EventService;
+use crate::support::pg::is_undefined_table;
+use crate::support::sql::RELAY_PROGRESS;
+use const_format::formatcp;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -44,17 +47,64 @@ struct RelayState {
     published: AtomicU64,
     sent: AtomicU64,
     batches: AtomicU64,
+    /// What keeps the relay from publishing now, if anything (cleared once it
+    /// publishes, stands by or finds nothing to do).
+    problem: Mutex<Option<String>>,
     #[cfg(feature = "test-hooks")]
     crash_before_mark: AtomicBool,
 }
 
+impl RelayState {
+    /// Records what keeps the relay from publishing.
+    pub(super) fn failing(&self, problem: impl Into<String>) {
+        if let Ok(mut slot) = self.problem.lock() {
+            *slot = Some(problem.into());
+        }
+    }
+
+    /// The relay works again.
+    pub(super) fn recovered(&self) {
+        if let Ok(mut slot) = self.problem.lock() {
+            *slot = None;
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// What a relay is doing, as [`RelayHandle::status`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayStatus {
+    /// Another relay leads; this one takes over when it stops.
+    Standby,
+    /// This relay leads and publishes.
+    Leading,
+    /// Something keeps this relay from publishing or leading: the last error. It
+    /// retries (see [`RelaySettings`]); the error says what to check.
+    Failing(String),
+    /// The relay task has ended.
+    Stopped,
+}
+
+const CHECK_SCHEMA: &str = formatcp!("SELECT 1 FROM {RELAY_PROGRESS} LIMIT 0");
+
 /// The relay task ended badly.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
     /// The relay task panicked; its events stay pending for the next relay.
     #[error("the relay task panicked: {0}; pending events stay in the outbox for the next relay")]
     Panicked(String),
+    /// The outbox tables do not exist: the relay was not started.
+    #[error("the outbox tables (schema edupulse) do not exist; call EventService::migrate() before start_relay()")]
+    NotMigrated,
+    /// The relay was failing when it was shut down (it had been retrying): the last
+    /// error. Committed events stay pending for the next relay.
+    #[error("the relay was failing when it stopped: {0}")]
+    Failing(String),
 }
 
 impl RelayHandle {
@@ -89,6 +139,27 @@ impl RelayHandle {
         self.state.crash_before_mark.store(true, Ordering::SeqCst);
     }
 
+    /// What the relay is doing now: leading, standing by, failing (with the last
+    /// error), or stopped.
+    pub fn status(&self) -> RelayStatus {
+        if self.task.is_finished() {
+            return RelayStatus::Stopped;
+        }
+        if let Some(problem) = self.state.problem() {
+            return RelayStatus::Failing(problem);
+        }
+        if self.is_leader() {
+            RelayStatus::Leading
+        } else {
+            RelayStatus::Standby
+        }
+    }
+
+    /// The error that keeps the relay from publishing now, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.state.problem()
+    }
+
     /// Whether the relay task has ended (after a shutdown, or a simulated crash).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
@@ -98,24 +169,43 @@ impl RelayHandle {
     /// released, and the task ends.
     ///
     /// # Errors
-    /// [`RelayError::Panicked`] if the relay task panicked.
+    /// [`RelayError::Panicked`] if the relay task panicked, [`RelayError::Failing`]
+    /// with the last error if it was failing (not publishing) when it stopped.
     pub async fn shutdown(self) -> Result<(), RelayError> {
         // The task may have ended already; then there is nobody to tell.
         let _ = self.stop.send(true);
         self.task
             .await
-            .map_err(|e| RelayError::Panicked(e.to_string()))
+            .map_err(|e| RelayError::Panicked(e.to_string()))?;
+        match self.state.problem() {
+            Some(problem) => Err(RelayError::Failing(problem)),
+            None => Ok(()),
+        }
     }
 }
 
 impl EventService {
     /// Starts a relay on the current tokio runtime. Dropping the handle stops it. Run
-    /// one per replica: one leads, the others stand by.
-    #[must_use = "dropping the handle stops the relay"]
-    pub fn start_relay(&self) -> RelayHandle {
+    /// one per replica: one leads, the others stand by. Watch it with
+    /// [`RelayHandle::status`]; it logs through `tracing`.
+    ///
+    /// # Errors
+    /// [`RelayError::NotMigrated`] when the outbox tables do not exist. Any other
+    /// failure (Postgres or NATS out of reach) does not stop it from starting: it
+    /// retries, and [`RelayHandle::status`] shows the failure.
+    pub async fn start_relay(&self) -> Result<RelayHandle, RelayError> {
+        match sqlx::query(CHECK_SCHEMA).execute(&self.inner.pool).await {
+            Err(error) if is_undefined_table(&error) => return Err(RelayError::NotMigrated),
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the outbox schema; starting the relay anyway");
+            }
+            Ok(_) => {}
+        }
         let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(RelayState::default());
         let task = tokio::spawn(election::run(self.inner.clone(), stop_rx, state.clone()));
-        RelayHandle { stop, task, state }
+        Ok(RelayHandle { stop, task, state })
     }
 }
+
+crate::support::debug_as_display!(RelayError);

@@ -5,7 +5,8 @@ pub(crate) mod nats;
 mod stream;
 
 use crate::config::{redact_text, Config};
-use crate::migrate::{migrator, MigrateError};
+use crate::migrate::MigrateError;
+use crate::outbox::Emitter;
 use crate::registry::{registry, RegistryError};
 use async_nats::jetstream;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -27,6 +28,8 @@ pub(crate) struct Inner {
     pub jetstream: jetstream::Context,
     /// The largest message (headers and body) that NATS and the stream accept.
     pub max_message: usize,
+    /// Writes into the outbox (the same pool and config).
+    pub emitter: Emitter,
 }
 
 impl fmt::Debug for EventService {
@@ -55,7 +58,7 @@ pub enum ConnectErrorKind {
 }
 
 /// [`EventService::connect`] failed; nothing was started.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
     /// Two event types share a name; fix the names before the service can run.
@@ -110,6 +113,37 @@ impl ConnectError {
     }
 }
 
+/// Connects to Postgres: one direct connection first (a pool only reports "timed out"
+/// when the server refuses, while a connection says why), then the pool.
+pub(crate) async fn connect_postgres(
+    config: &Config,
+) -> Result<(PgPool, PgConnectOptions), ConnectError> {
+    let pg_error = |error: &dyn fmt::Display| ConnectError::Postgres {
+        target: config.database_url_redacted(),
+        reason: redact_text(&error.to_string(), &config.database_url),
+    };
+    let pg_options: PgConnectOptions = config
+        .database_url
+        .parse()
+        .map_err(|e: sqlx::Error| pg_error(&e))?;
+    let pg_options = pg_options.application_name(&config.source);
+    let probe = tokio::time::timeout(
+        config.connect_timeout,
+        PgConnection::connect_with(&pg_options),
+    )
+    .await
+    .map_err(|_| pg_error(&format!("no answer within {:?}", config.connect_timeout)))?
+    .map_err(|e| pg_error(&e))?;
+    let _ = probe.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect_with(pg_options.clone())
+        .await
+        .map_err(|e| pg_error(&e))?;
+    Ok((pool, pg_options))
+}
+
 impl EventService {
     /// Validates the registry, connects to Postgres and NATS, and makes sure the stream
     /// that captures `{prefix}.>` exists with the configured duplicate window.
@@ -130,32 +164,7 @@ impl EventService {
     pub async fn connect(config: Config) -> Result<EventService, ConnectError> {
         registry().validate()?;
 
-        let pg_error = |error: &dyn fmt::Display| ConnectError::Postgres {
-            target: config.database_url_redacted(),
-            reason: redact_text(&error.to_string(), &config.database_url),
-        };
-        let pg_options: PgConnectOptions = config
-            .database_url
-            .parse()
-            .map_err(|e: sqlx::Error| pg_error(&e))?;
-        let pg_options = pg_options.application_name(&config.source);
-        // One direct connection first: a pool only reports "timed out" when the server
-        // refuses, while a connection says why.
-        let probe = tokio::time::timeout(
-            config.connect_timeout,
-            PgConnection::connect_with(&pg_options),
-        )
-        .await
-        .map_err(|_| pg_error(&format!("no answer within {:?}", config.connect_timeout)))?
-        .map_err(|e| pg_error(&e))?;
-        let _ = probe.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(config.connect_timeout)
-            .connect_with(pg_options.clone())
-            .await
-            .map_err(|e| pg_error(&e))?;
-
+        let (pool, pg_options) = connect_postgres(&config).await?;
         let nats = nats::connect(&config).await?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.relay.ack_timeout)
@@ -172,8 +181,10 @@ impl EventService {
             max_message,
             "edupulse event service connected"
         );
+        let emitter = Emitter::new(config.clone(), pool.clone(), max_message);
         Ok(EventService {
             inner: Arc::new(Inner {
+                emitter,
                 config,
                 pool,
                 pg_options,
@@ -193,14 +204,7 @@ impl EventService {
     /// # Errors
     /// [`MigrateError`] when a migration fails or the applied ones were changed.
     pub async fn migrate(&self) -> Result<(), MigrateError> {
-        if crate::migrate::up_to_date(&self.inner.pool)
-            .await
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        migrator().run(&self.inner.pool).await?;
-        Ok(())
+        crate::migrate::run(&self.inner.pool).await
     }
 
     /// The service's Postgres pool, for the application's own queries and transactions.
@@ -233,3 +237,5 @@ impl EventService {
         self.inner.max_message
     }
 }
+
+crate::support::debug_as_display!(ConnectError);

@@ -19,7 +19,7 @@ async fn main() {
         }
     };
     let service = connect_until_up(config).await;
-    let relay = service.start_relay();
+    let relay = service.start_relay().await.expect("the relay starts");
     say("ready");
     let mut last = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(50));
