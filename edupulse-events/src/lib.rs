@@ -86,8 +86,8 @@ pub use config::{
 };
 pub use consumer::{
     ConsumerBuilder, ConsumerError, ConsumerErrorKind, ConsumerHandle, ConsumerSettings,
-    DeadLetter, DeadReason, Envelope, HandlerError, ParseDeadReasonError, Received, StartFrom,
-    TxHandlerFn,
+    ConsumerStatus, DeadLetter, DeadReason, Envelope, HandlerError, ParseDeadReasonError, Received,
+    StartFrom, TxHandlerFn,
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{DomainEvent, SubjectError};

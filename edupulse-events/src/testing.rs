@@ -1,17 +1,18 @@
 //! Testing handlers without NATS (feature `testing`; enable it in `[dev-dependencies]`
 //! only).
 //!
-//! - [`received`] builds the [`Received<E>`] a handler gets, with a plausible
-//!   [`Envelope`] you may change (its fields are public).
-//! - [`handle`] runs a handler's future as the consumer would (the events it emits are
-//!   caused by the received one and join its conversation) and hands back, with its
-//!   result, every event it emitted, as [`Emitted`]: typed events, without reading the
-//!   outbox's tables.
-//! - [`capture`] does the same for any future (a web handler that emits, say).
+//! - [`received_via`] builds the [`Received<E>`] a handler gets, whose
+//!   [`emit_in`](Received::emit_in) writes through the [`Emitter`] you give (Postgres
+//!   only), with a plausible [`Envelope`] you may change (its fields are public);
+//!   [`received`] builds one with no emitter.
+//! - [`capture`] runs a future (a handler, a web handler that emits) and hands back,
+//!   with its result, every event it emitted, as [`Emitted`]: typed events, without
+//!   reading the outbox's tables.
+//! - [`handle`] does the same as the consumer runs a handler: events emitted through
+//!   an emitter of the handler's own are caused by the received event too.
 //!
 //! Emitting still writes to Postgres (use a test database, migrated, and roll the
-//! transaction back if you like); no NATS is needed: build an [`Emitter`](crate::Emitter)
-//! for the handler.
+//! transaction back if you like); no NATS is needed.
 //!
 //! ```no_run
 //! use edupulse_events::{testing, DomainEvent, Emitter, HandlerError, Received};
@@ -26,30 +27,28 @@
 //! #[event(name = "quiz.graded")]
 //! struct QuizGraded { quiz_id: i64, score: u32 }
 //!
-//! async fn grade(
-//!     emitter: &Emitter,
-//!     tx: &mut PgConnection,
-//!     received: Received<QuizSubmitted>,
-//! ) -> Result<(), HandlerError> {
+//! async fn grade(tx: &mut PgConnection, received: Received<QuizSubmitted>) -> Result<(), HandlerError> {
 //!     let score = received.event.answers.iter().filter(|a| **a == 1).count() as u32;
-//!     emitter.emit_in(tx, QuizGraded { quiz_id: received.event.quiz_id, score }).await?;
+//!     received.emit_in(tx, QuizGraded { quiz_id: received.event.quiz_id, score }).await?;
 //!     Ok(())
 //! }
 //!
 //! # async fn test(emitter: Emitter) -> Result<(), Box<dyn std::error::Error>> {
-//! let received = testing::received(QuizSubmitted { quiz_id: 7, answers: vec![1, 0, 1] });
+//! let received = testing::received_via(&emitter, QuizSubmitted { quiz_id: 7, answers: vec![1, 0, 1] });
 //! let cause = received.envelope.clone();
 //! let mut tx = emitter.pool().begin().await?;
-//! let (result, emitted) = testing::handle(&cause, grade(&emitter, &mut tx, received)).await;
+//! let (result, emitted) = testing::capture(grade(&mut tx, received)).await;
 //! result.expect("the handler succeeds");
 //! assert_eq!(emitted.of::<QuizGraded>()?, vec![QuizGraded { quiz_id: 7, score: 2 }]);
 //! assert_eq!(emitted.all()[0].causation_id, Some(cause.id));
+//! tx.rollback().await?;
 //! # Ok(()) }
 //! ```
 
 use crate::causation::Cause;
-use crate::consumer::{Envelope, Received};
+use crate::consumer::{Envelope, Received, Via};
 use crate::DomainEvent;
+use crate::Emitter;
 use std::cell::RefCell;
 use std::future::Future;
 use time::OffsetDateTime;
@@ -74,12 +73,22 @@ pub fn envelope<E: DomainEvent>(event: &E) -> Envelope {
         causation_id: None,
         attempt: 1,
         stream_sequence: 1,
+        via: Via::default(),
     }
 }
 
 /// A [`Received<E>`] as a handler gets it, with the [`envelope`] for `event`.
 pub fn received<E: DomainEvent>(event: E) -> Received<E> {
     let envelope = envelope(&event);
+    Received { event, envelope }
+}
+
+/// A [`Received<E>`] as [`received`] builds it, whose
+/// [`emit_in`](Received::emit_in) and [`emit`](Received::emit) write through
+/// `emitter`, as a delivered event's do through the consumer's service.
+pub fn received_via<E: DomainEvent>(emitter: &Emitter, event: E) -> Received<E> {
+    let mut envelope = envelope(&event);
+    envelope.via = Via(Some(emitter.clone()));
     Received { event, envelope }
 }
 

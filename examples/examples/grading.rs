@@ -69,9 +69,10 @@ pub async fn submit_quiz(emitter: &Emitter, submission: QuizSubmitted) -> Result
 }
 
 /// The grading handler: writes the grade and emits `quiz.graded` in the consumer's
-/// transaction, so both happen once per submission however often it is delivered.
+/// transaction, so both happen once per submission however often it is delivered. The
+/// grade is caused by the submission (`received.emit_in` sets the causation and
+/// correlation ids).
 pub async fn grade(
-    emitter: Emitter,
     tx: &mut PgConnection,
     received: Received<QuizSubmitted>,
 ) -> Result<(), HandlerError> {
@@ -90,7 +91,7 @@ pub async fn grade(
         score,
         out_of,
     };
-    emitter.emit_in(tx, graded).await?;
+    received.emit_in(tx, graded).await?;
     Ok(())
 }
 
@@ -122,16 +123,13 @@ async fn run() -> Result<(), BoxError> {
     service.migrate().await?;
     sqlx::raw_sql(SCHEMA).execute(service.pool()).await?;
     let relay = service.start_relay().await?;
-    let emitter = service.emitter().clone();
     let grading = service
         .consumer("grading")
         .settings(ConsumerSettings {
             start_from: StartFrom::New,
             ..ConsumerSettings::default()
         })
-        .on_tx::<QuizSubmitted, _>(move |tx, received| {
-            Box::pin(grade(emitter.clone(), tx, received))
-        })
+        .on_tx_fn(grade)
         .start()
         .await?;
     let notified = Arc::new(AtomicUsize::new(0));
@@ -222,11 +220,10 @@ mod tests {
             student_id: Uuid::now_v7(),
             answers: vec![1, 0, 1, 1],
         };
-        let received = testing::received(submitted.clone());
+        let received = testing::received_via(&emitter, submitted.clone());
         let cause = received.envelope.clone();
         let mut tx = emitter.pool().begin().await.expect("begin");
-        let (result, emitted) =
-            testing::handle(&cause, grade(emitter.clone(), &mut tx, received)).await;
+        let (result, emitted) = testing::capture(grade(&mut tx, received)).await;
         result.expect("grading succeeds");
         assert_eq!(
             emitted.of::<QuizGraded>().expect("decodes"),

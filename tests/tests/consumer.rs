@@ -1062,3 +1062,117 @@ async fn an_async_fn_is_an_on_tx_handler_and_applies_each_event_once() {
     consumer.shutdown().await.expect("consumer");
     relay.shutdown().await.expect("relay");
 }
+
+#[tokio::test]
+async fn a_consumer_reports_the_failure_it_is_retrying_until_an_event_goes_through() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let fail = Arc::new(AtomicBool::new(true));
+    let failing = fail.clone();
+    let consumer = service
+        .consumer("reporting")
+        .settings(fast())
+        .max_deliveries(10_000)
+        .on(move |_: Received<LessonPublished>| {
+            let failing = failing.clone();
+            async move {
+                if failing.load(Ordering::SeqCst) {
+                    return Err("the mail server said no".into());
+                }
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    assert_eq!(consumer.status(), edupulse_events::ConsumerStatus::Running);
+    service
+        .emit(LessonPublished { lesson_id: 1 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the failure to be reported", || async {
+        matches!(
+            consumer.status(),
+            edupulse_events::ConsumerStatus::Failing(_)
+        )
+    })
+    .await;
+    let error = consumer.last_error().expect("the last error");
+    assert!(error.contains("the mail server said no"), "{error}");
+    assert!(error.contains("lesson.published"), "{error}");
+    fail.store(false, Ordering::SeqCst);
+    wait_for(WAIT, "the event to go through", || async {
+        consumer.handled() == 1
+    })
+    .await;
+    assert_eq!(consumer.status(), edupulse_events::ConsumerStatus::Running);
+    assert_eq!(consumer.last_error(), None);
+    consumer.shutdown().await.expect("consumer");
+    relay.shutdown().await.expect("relay");
+}
+
+/// Consume, write, emit: the grade and the event it causes commit together.
+async fn grade_and_emit(
+    tx: &mut sqlx::PgConnection,
+    received: Received<QuizSubmitted>,
+) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO effects (event_id, note) VALUES ($1, 'graded')")
+        .bind(received.envelope.id)
+        .execute(&mut *tx)
+        .await?;
+    received
+        .emit_in(
+            tx,
+            QuizGraded {
+                quiz_id: received.event.quiz_id.clone(),
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_emits_through_what_it_received_caused_by_it() {
+    let Setup {
+        service,
+        relay,
+        env: _env,
+    } = setup().await;
+    let consumer = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx_fn(grade_and_emit)
+        .start()
+        .await
+        .expect("start");
+    let submitted = service
+        .emit(QuizSubmitted {
+            quiz_id: "q1".into(),
+            score: 0.5,
+        })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the graded event", || async {
+        count(
+            &service,
+            "SELECT count(*) FROM edupulse.outbox WHERE name = 'quiz.graded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let (causation, correlation): (Option<Uuid>, Option<Uuid>) = sqlx::query_as(
+        "SELECT causation_id, correlation_id FROM edupulse.outbox WHERE name = 'quiz.graded'",
+    )
+    .fetch_one(service.pool())
+    .await
+    .unwrap();
+    assert_eq!(causation, Some(submitted));
+    assert_eq!(correlation, Some(submitted));
+    assert_eq!(count(&service, "SELECT count(*) FROM effects").await, 1);
+    consumer.shutdown().await.expect("consumer");
+    relay.shutdown().await.expect("relay");
+}

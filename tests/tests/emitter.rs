@@ -229,3 +229,49 @@ async fn errors_print_their_hint_in_debug_as_main_shows_them() {
     let boxed: Box<dyn std::error::Error> = error.into();
     assert!(format!("{boxed:?}").contains("check that"), "{boxed:?}");
 }
+
+#[tokio::test]
+async fn a_received_built_for_a_test_emits_through_the_emitter_it_was_given() {
+    let env = TestEnv::new().await;
+    let emitter = Emitter::connect(without_nats(&env)).await.unwrap();
+    emitter.migrate().await.unwrap();
+    let received = testing::received_via(
+        &emitter,
+        QuizSubmitted {
+            quiz_id: 3,
+            answers: vec![1],
+        },
+    );
+    let cause = received.envelope.clone();
+    let mut tx = emitter.pool().begin().await.unwrap();
+    let (id, emitted) = testing::capture(received.emit_in(
+        &mut tx,
+        QuizGraded {
+            quiz_id: 3,
+            score: 1,
+        },
+    ))
+    .await;
+    let id = id.expect("emit_in");
+    tx.commit().await.unwrap();
+    let graded = &emitted.all()[0];
+    assert_eq!(graded.id, id);
+    assert_eq!(graded.causation_id, Some(cause.id));
+    assert_eq!(graded.correlation_id, cause.id);
+    assert_eq!(emitter.outbox_status().await.unwrap().pending, 1);
+
+    // Built without an emitter, it says what to do instead.
+    let unbound = testing::received(QuizSubmitted {
+        quiz_id: 4,
+        answers: vec![],
+    });
+    let error = unbound
+        .emit(QuizGraded {
+            quiz_id: 4,
+            score: 0,
+        })
+        .await
+        .expect_err("no emitter");
+    assert_eq!(error.kind(), EmitErrorKind::Unbound);
+    assert!(error.to_string().contains("received_via"), "{error}");
+}

@@ -24,6 +24,9 @@ pub(super) struct Stats {
     pub dead_lettered: AtomicU64,
     /// Messages terminated without a dead-letter record, which Postgres refused.
     pub dead_letters_lost: AtomicU64,
+    /// The last failure of a handler or of the framework (Postgres out of reach),
+    /// until an event is handled again.
+    pub last_error: std::sync::Mutex<Option<String>>,
     /// Test hook: the next `on_tx` event is committed, then the instance "dies".
     #[cfg(feature = "test-hooks")]
     pub crash_before_ack: AtomicBool,
@@ -34,6 +37,27 @@ pub(super) struct Stats {
     /// framework's would.
     #[cfg(feature = "test-hooks")]
     pub panic_in_lane: AtomicBool,
+}
+
+impl Stats {
+    /// Records the last failure.
+    pub fn failing(&self, error: String) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(error);
+        }
+    }
+
+    /// An event went through: the group works.
+    pub fn recovered(&self) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = None;
+        }
+    }
+
+    /// The last failure, if the group has not handled an event since.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|slot| slot.clone())
+    }
 }
 
 /// One running instance of a group, as its fetch loop and lanes see it.

@@ -426,12 +426,13 @@ impl EventService {
     /// Lists the dead letters of `group`, oldest first, at most `limit`.
     ///
     /// # Errors
-    /// The Postgres error, if the query failed.
+    /// [`OutboxError`](crate::OutboxError): `NotMigrated` before
+    /// [`migrate`](EventService::migrate), else the Postgres error.
     pub async fn dead_letters(
         &self,
         group: &str,
         limit: i64,
-    ) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    ) -> Result<Vec<DeadLetter>, crate::OutboxError> {
         let rows = sqlx::query(LIST_DEAD_LETTERS)
             .bind(group)
             .bind(limit)
@@ -452,7 +453,8 @@ impl EventService {
                     payload: row.try_get("payload")?,
                 })
             })
-            .collect()
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
     }
 }
 

@@ -4,8 +4,11 @@
 
 use super::dead_letter::DeadReason;
 use super::route::{Route, Routes};
+use crate::outbox::{EmitError, Emitter, Outgoing};
 use crate::wire::headers;
+use crate::DomainEvent;
 use async_nats::jetstream::Message;
+use sqlx::PgConnection;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -15,12 +18,104 @@ use uuid::Uuid;
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An event as a handler receives it: the typed event and its envelope.
+///
+/// It is also the handler's way to emit: [`Received::emit_in`] writes an event in the
+/// handler's transaction, caused by this one (see [`Received::emit_in`]).
 #[derive(Debug, Clone)]
 pub struct Received<E> {
     /// The event.
     pub event: E,
     /// Where it came from and how it travelled.
     pub envelope: Envelope,
+}
+
+impl<E> Received<E> {
+    /// Emits `event` inside `tx` (an `on_tx` handler's transaction: it is published if
+    /// and only if the handler's effects commit), through the consumer's service. It
+    /// carries this event's id as causation id and its correlation id (or its id),
+    /// unless `Outgoing` sets them.
+    ///
+    /// ```no_run
+    /// # use edupulse_events::{DomainEvent, EventService, HandlerError, Received};
+    /// # use edupulse_events::sqlx::PgConnection;
+    /// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
+    /// # #[event(name = "quiz.submitted")]
+    /// # struct QuizSubmitted { quiz_id: i64 }
+    /// # #[derive(serde::Serialize, serde::Deserialize, DomainEvent)]
+    /// # #[event(name = "quiz.graded")]
+    /// # struct QuizGraded { quiz_id: i64, score: u32 }
+    /// async fn grade(tx: &mut PgConnection, received: Received<QuizSubmitted>) -> Result<(), HandlerError> {
+    ///     let quiz_id = received.event.quiz_id;
+    ///     sqlx::query("INSERT INTO grades (quiz_id, score) VALUES ($1, 3)")
+    ///         .bind(quiz_id)
+    ///         .execute(&mut *tx)
+    ///         .await?;
+    ///     received.emit_in(tx, QuizGraded { quiz_id, score: 3 }).await?;
+    ///     Ok(())
+    /// }
+    /// # async fn run(service: EventService) -> Result<(), Box<dyn std::error::Error>> {
+    /// let grading = service.consumer("grading").on_tx_fn(grade).start().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`EmitError`]; [`EmitError::Unbound`] when this `Received` was not delivered by
+    /// a consumer (built by hand, or by `testing::received` without an emitter).
+    pub async fn emit_in<F: DomainEvent>(
+        &self,
+        tx: &mut PgConnection,
+        event: impl Into<Outgoing<F>>,
+    ) -> Result<Uuid, EmitError> {
+        let emitter = self.envelope.via.emitter()?;
+        emitter.emit_in(tx, self.caused(event.into())).await
+    }
+
+    /// Emits `event` in a transaction of its own (for a plain `on` handler), caused by
+    /// this event, as [`Received::emit_in`] does.
+    ///
+    /// # Errors
+    /// As [`Received::emit_in`].
+    pub async fn emit<F: DomainEvent>(
+        &self,
+        event: impl Into<Outgoing<F>>,
+    ) -> Result<Uuid, EmitError> {
+        let emitter = self.envelope.via.emitter()?;
+        emitter.emit(self.caused(event.into())).await
+    }
+
+    /// `outgoing`, caused by this event unless it says otherwise.
+    fn caused<F: DomainEvent>(&self, mut outgoing: Outgoing<F>) -> Outgoing<F> {
+        let envelope = &self.envelope;
+        outgoing.causation_id.get_or_insert(envelope.id);
+        outgoing
+            .correlation_id
+            .get_or_insert(envelope.correlation_id.unwrap_or(envelope.id));
+        outgoing
+    }
+}
+
+/// The emitter a delivered event's handler emits through; none when the envelope was
+/// built by hand. Not part of the envelope's value: two envelopes that differ only
+/// here are equal.
+#[derive(Clone, Default)]
+pub(crate) struct Via(pub Option<Emitter>);
+
+impl Via {
+    fn emitter(&self) -> Result<&Emitter, EmitError> {
+        self.0.as_ref().ok_or(EmitError::Unbound)
+    }
+}
+
+impl PartialEq for Via {
+    fn eq(&self, _: &Via) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "bound" } else { "unbound" })
+    }
 }
 
 /// An event's metadata, read from the message's CloudEvents headers.
@@ -47,6 +142,8 @@ pub struct Envelope {
     pub attempt: u32,
     /// The message's sequence number in the stream.
     pub stream_sequence: u64,
+    /// The emitter [`Received::emit_in`] uses.
+    pub(crate) via: Via,
 }
 
 /// What a message is to a group.
@@ -175,6 +272,7 @@ fn envelope_of(
         causation_id: uuid_header(headers::CAUSATION_ID),
         attempt: delivered.count,
         stream_sequence: delivered.sequence,
+        via: Via::default(),
     })
 }
 

@@ -4,7 +4,7 @@
 
 use super::context::Ctx;
 use super::dead_letter::{dead_letter, DeadReason, DeadRecord};
-use super::envelope::{parse, Delivered, Envelope, Parsed};
+use super::envelope::{parse, Delivered, Envelope, Parsed, Via};
 use super::handle::{handle, panic_message, Outcome};
 use super::route::Route;
 use crate::causation::Cause;
@@ -235,6 +235,7 @@ impl Delivery<'_> {
             match outcome {
                 Outcome::Handled => {
                     self.ctx.stats.handled.fetch_add(1, Ordering::SeqCst);
+                    self.ctx.stats.recovered();
                 }
                 Outcome::Duplicate => {
                     self.ctx.stats.duplicates.fetch_add(1, Ordering::SeqCst);
@@ -285,6 +286,7 @@ impl Delivery<'_> {
     async fn try_once(&self, event: Box<dyn Any + Send>) -> Outcome {
         let mut this = self.envelope.clone();
         this.attempt = self.attempt;
+        this.via = Via(Some(self.ctx.inner.emitter.clone()));
         let cause = Cause::of(self.envelope.id, self.envelope.correlation_id);
         let handling = cause.scope(handle(self.ctx, self.route, event, this));
         with_progress(self.message, self.ctx.settings.ack_wait, handling)
@@ -306,6 +308,9 @@ impl Delivery<'_> {
             attempt = self.attempt, retry_in = ?delay, error = %why,
             "Postgres is unreachable; retrying (not counted as a failed delivery)"
         );
+        self.ctx
+            .stats
+            .failing(format!("Postgres is unreachable: {why}; retrying"));
         wait_in_lane(self.ctx, self.message, self.stop, delay).await
     }
 
@@ -322,6 +327,10 @@ impl Delivery<'_> {
             group = %self.ctx.group, event = self.route.name, id = %self.envelope.id,
             attempt = self.attempt, retry_in = ?delay, error = %why, "handler failed; retrying"
         );
+        self.ctx.stats.failing(format!(
+            "the handler of `{}` failed on event {} (delivery {}): {why}",
+            self.route.name, self.envelope.id, self.attempt
+        ));
         if wait_in_lane(self.ctx, self.message, self.stop, delay).await {
             return true;
         }

@@ -54,6 +54,8 @@ mod undeliverable;
 
 pub use builder::{ConsumerBuilder, TxHandlerFn};
 pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError};
+#[cfg(feature = "testing")]
+pub(crate) use envelope::Via;
 pub use envelope::{Envelope, HandlerError, Received};
 pub use settings::{ConsumerSettings, StartFrom};
 
@@ -160,6 +162,21 @@ impl ConsumerError {
     }
 }
 
+/// What a consumer instance is doing, as [`ConsumerHandle::status`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConsumerStatus {
+    /// Fetching and handling; the last event went through.
+    Running,
+    /// Running, but the last attempt failed (a handler's error, or Postgres out of
+    /// reach): the error. It retries.
+    Failing(String),
+    /// The instance failed and stopped (see [`ConsumerHandle::failure`]).
+    Failed(String),
+    /// The instance has stopped.
+    Stopped,
+}
+
 /// A running consumer group instance; stop it with [`ConsumerHandle::shutdown`].
 #[derive(Debug)]
 pub struct ConsumerHandle {
@@ -191,6 +208,28 @@ impl ConsumerHandle {
     /// stream at its sequence). Zero unless something is badly wrong.
     pub fn dead_letters_lost(&self) -> u64 {
         self.stats.dead_letters_lost.load(Ordering::SeqCst)
+    }
+
+    /// The last failure of a handler (or Postgres out of reach), if the instance has
+    /// handled no event since: what it is retrying. Handler errors are also logged
+    /// (`warn`), and become dead letters after `max_deliveries`.
+    pub fn last_error(&self) -> Option<String> {
+        self.stats.last_error()
+    }
+
+    /// What the instance is doing: running (with the last error, if it is failing),
+    /// failed, or stopped.
+    pub fn status(&self) -> ConsumerStatus {
+        if let Some(reason) = self.failure.borrow().clone() {
+            return ConsumerStatus::Failed(reason);
+        }
+        if self.task.is_finished() {
+            return ConsumerStatus::Stopped;
+        }
+        match self.stats.last_error() {
+            Some(error) => ConsumerStatus::Failing(error),
+            None => ConsumerStatus::Running,
+        }
     }
 
     /// **Test only** (the `test-hooks` feature, never enabled in a service): the next

@@ -40,8 +40,8 @@ use uuid::Uuid;
 #[must_use]
 pub struct Outgoing<E> {
     event: E,
-    correlation_id: Option<Uuid>,
-    causation_id: Option<Uuid>,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) causation_id: Option<Uuid>,
     traceparent: Option<String>,
 }
 
@@ -104,6 +104,8 @@ pub enum EmitErrorKind {
     Traceparent,
     /// The outbox tables do not exist.
     NotMigrated,
+    /// A `Received` that no consumer delivered was asked to emit.
+    Unbound,
     /// Postgres failed.
     Database,
 }
@@ -160,6 +162,10 @@ pub enum EmitError {
         "the outbox table edupulse.outbox does not exist; call EventService::migrate() at start-up"
     )]
     NotMigrated,
+    /// [`Received::emit_in`](crate::Received::emit_in) on a `Received` that no consumer
+    /// delivered.
+    #[error("this Received was not delivered by a consumer, so it has no emitter; in a test build it with testing::received_via(&emitter, event), or emit through an Emitter")]
+    Unbound,
     /// Postgres failed.
     #[error("writing to the outbox failed: {0}")]
     Database(#[source] sqlx::Error),
@@ -176,6 +182,7 @@ impl EmitError {
             EmitError::SubjectTooLong { .. } => EmitErrorKind::Subject,
             EmitError::Traceparent(_) => EmitErrorKind::Traceparent,
             EmitError::NotMigrated => EmitErrorKind::NotMigrated,
+            EmitError::Unbound => EmitErrorKind::Unbound,
             EmitError::Database(_) => EmitErrorKind::Database,
         }
     }
