@@ -78,6 +78,7 @@ pub fn headers(id: Uuid, name: &str, source: &str, subject: &str) -> HeaderMap {
     h.insert("ce-time", "2026-11-27T12:00:00.123456Z");
     h.insert("ce-eventversion", "1");
     h.insert("ce-subject", subject);
+    h.insert("ce-datacontenttype", "application/json");
     h.insert("Content-Type", "application/json");
     h.insert("Nats-Msg-Id", id.as_str());
     h.insert("ce-correlationid", id.as_str());

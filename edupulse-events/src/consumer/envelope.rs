@@ -5,7 +5,7 @@
 use super::dead_letter::DeadReason;
 use super::route::{Route, Routes};
 use crate::outbox::{EmitError, Emitter, Outgoing};
-use crate::wire::headers;
+use crate::wire::{decode_value, headers};
 use crate::DomainEvent;
 use async_nats::jetstream::Message;
 use sqlx::PgConnection;
@@ -213,7 +213,8 @@ pub(super) fn parse<'r>(
             "the message has no ce-type header".to_owned(),
         );
     };
-    let Some(route) = routes.get(name) else {
+    let name = decode_value(name);
+    let Some(route) = routes.get(&name) else {
         return Parsed::Dead(
             DeadReason::UnknownEvent,
             format!("no handler in group `{group}` for event `{name}` on subject {subject}"),
@@ -265,7 +266,9 @@ fn envelope_of(
         id,
         name: name.to_owned(),
         version,
-        source: header(message, headers::SOURCE).unwrap_or("").to_owned(),
+        source: header(message, headers::SOURCE)
+            .map(|source| decode_value(source).into_owned())
+            .unwrap_or_default(),
         time,
         subject: message.subject.as_str().to_owned(),
         correlation_id: uuid_header(headers::CORRELATION_ID),

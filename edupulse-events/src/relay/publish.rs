@@ -148,8 +148,8 @@ pub(super) async fn read_tail(inner: &Inner) -> Result<TailRead, TailError> {
             let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
                 .filter(|id| header(crate::wire::headers::ID).as_ref() == Some(id))
                 .and_then(|id| id.parse::<Uuid>().ok());
-            let same_source = header(crate::wire::headers::SOURCE).as_deref()
-                == Some(inner.config.source.as_str());
+            let same_source = header(crate::wire::headers::SOURCE)
+                .is_some_and(|source| crate::wire::decode_value(&source) == inner.config.source);
             Ok(match id {
                 Some(id) => TailRead {
                     tail: Tail::MsgId(id),
