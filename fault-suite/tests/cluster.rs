@@ -30,6 +30,13 @@ const SOURCE: &str = "edupulse-tests";
 /// How long the relay may take to publish again after a fault heals.
 const RECOVER: Duration = Duration::from_secs(60);
 
+/// The same after a partition heals. A client on the cut-off node stays there (the node
+/// answers its pings) and can publish again only once that node has rejoined through
+/// its routes; once in CI (2.15.1, an election that took 30 s) the relay had not
+/// published 60 s after the heal, the cause not established. Still a bound: nothing
+/// may stay stuck.
+const RECOVER_AFTER_PARTITION: Duration = Duration::from_secs(150);
+
 /// The faults of the scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -210,7 +217,15 @@ async fn scenario(name: &'static str, binary: &str, fault: Fault) -> Report {
                 ));
                 tokio::time::sleep(more).await;
                 cluster.heal(node);
-                wait_progress(&run, &check_pool, &js, &stream, before, RECOVER).await;
+                wait_progress(
+                    &run,
+                    &check_pool,
+                    &js,
+                    &stream,
+                    before,
+                    RECOVER_AFTER_PARTITION,
+                )
+                .await;
             }
         }
         Fault::Rolling => {
