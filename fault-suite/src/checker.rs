@@ -192,21 +192,26 @@ pub async fn observe(
 /// Reads every message of `stream` in stream order; returns the suite's events and how
 /// many messages were not.
 ///
-/// Reads one message by its sequence, again while the stream answers with anything
-/// but "no message" (in a cluster, a read during or just after a leader election
-/// fails for a few seconds); the last error after 30 s.
+/// Reads one message by its sequence, again while the read fails for want of an
+/// answer (in a cluster, a read during or just after a leader election times out or
+/// finds the stream unavailable for a few seconds); the last error after 30 s. A
+/// message that is there but cannot be read (headers no client can parse) fails at
+/// once: retrying it would only wait.
 async fn read_with_retries(
     handle: &jetstream::stream::Stream,
     sequence: u64,
 ) -> Result<jetstream::message::StreamMessage, jetstream::stream::RawMessageError> {
+    use jetstream::stream::RawMessageErrorKind;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut pause = Duration::from_millis(50);
+    let unanswered = |error: &jetstream::stream::RawMessageError| match error.kind() {
+        RawMessageErrorKind::JetStream(_) => true,
+        RawMessageErrorKind::Other => error.to_string().contains("request"),
+        _ => false,
+    };
     loop {
         match handle.get_raw_message(sequence).await {
-            Err(error)
-                if error.kind() != jetstream::stream::RawMessageErrorKind::NoMessageFound
-                    && tokio::time::Instant::now() < deadline =>
-            {
+            Err(error) if unanswered(&error) && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
