@@ -406,6 +406,30 @@ pub async fn group_state(
     ))
 }
 
+/// Commits `size` events of `writer` (and their business rows) in one transaction, and
+/// records them in `history`.
+///
+/// # Panics
+/// If Postgres or the emit fails (tests only).
+pub async fn burst(service: &EventService, history: &History, writer: u32, size: u64) {
+    let mut tx = service.pool().begin().await.expect("begin the burst");
+    let counters: Vec<i64> = (0..i64::try_from(size).expect("small burst")).collect();
+    sqlx::query(
+        "INSERT INTO fault_business (writer, counter) SELECT $1, c FROM unnest($2::int8[]) AS c",
+    )
+    .bind(i32::try_from(writer).expect("small writer"))
+    .bind(&counters)
+    .execute(&mut *tx)
+    .await
+    .expect("the burst's business rows");
+    service
+        .emit_all_in(&mut tx, (0..size).map(|counter| Tick { writer, counter }))
+        .await
+        .expect("emit the burst");
+    tx.commit().await.expect("commit the burst");
+    history.record(writer, 0..size, Outcome::Committed);
+}
+
 /// How a wait for quiescence ended.
 #[derive(Debug, Clone)]
 pub struct Settled {

@@ -16,7 +16,7 @@ use edupulse_fault_suite::cluster::{
     server_binaries, version_number, version_of, NatsCluster, NODES, TRUSTED_FOR_LEADER_CHANGES,
 };
 use edupulse_fault_suite::scenario::{len_now, start_workload, wait_progress, Run, Workload};
-use edupulse_fault_suite::workload::{join_writers, suite_config, try_stream_len};
+use edupulse_fault_suite::workload::{burst, join_writers, suite_config, try_stream_len};
 use edupulse_fault_suite::Tick;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -282,35 +282,6 @@ async fn leader(cluster: &NatsCluster, js: &async_nats::jetstream::Context, stre
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Commits `size` events of `writer` in one transaction (a large relay batch).
-async fn burst(
-    service: &edupulse_events::EventService,
-    history: &edupulse_fault_suite::checker::History,
-    writer: u32,
-    size: u64,
-) {
-    let mut tx = service.pool().begin().await.expect("begin the burst");
-    let counters: Vec<i64> = (0..i64::try_from(size).expect("small burst")).collect();
-    sqlx::query(
-        "INSERT INTO fault_business (writer, counter) SELECT $1, c FROM unnest($2::int8[]) AS c",
-    )
-    .bind(i32::try_from(writer).expect("small writer"))
-    .bind(&counters)
-    .execute(&mut *tx)
-    .await
-    .expect("the burst's business rows");
-    service
-        .emit_all_in(&mut tx, (0..size).map(|counter| Tick { writer, counter }))
-        .await
-        .expect("emit the burst");
-    tx.commit().await.expect("commit the burst");
-    history.record(
-        writer,
-        0..size,
-        edupulse_fault_suite::checker::Outcome::Committed,
-    );
 }
 
 /// Connects and migrates with an R3 stream, retrying (up to 60 s) while JetStream does

@@ -19,7 +19,7 @@ use edupulse_fault_suite::scenario::{
     batchy_plans, len_now, start_workload, wait_progress, writer_plans, Run, Workload, GROUP,
 };
 use edupulse_fault_suite::workload::{
-    child_env, config_via, create_tables, database_url_via, direct_pool, effects_consumer,
+    burst, child_env, config_via, create_tables, database_url_via, direct_pool, effects_consumer,
     group_state, join_writers, leader, pending, postgres_addr, retried, shared_nats_addr,
     spawn_writers, stream_len, suite_config, suite_consumer, suite_relay, try_stream_len,
     WriterPlan, WriterStats,
@@ -223,26 +223,6 @@ async fn nats_killed_and_paused(name: &'static str, bursts: u64) -> Report {
         "the faults should have failed some publishes (events published on a later attempt)"
     );
     report
-}
-
-/// Commits `size` events of `writer` (and their business rows) in one transaction.
-async fn burst(service: &EventService, history: &History, writer: u32, size: u64) {
-    let mut tx = service.pool().begin().await.expect("begin the burst");
-    let counters: Vec<i64> = (0..i64::try_from(size).expect("small burst")).collect();
-    sqlx::query(
-        "INSERT INTO fault_business (writer, counter) SELECT $1, c FROM unnest($2::int8[]) AS c",
-    )
-    .bind(i32::try_from(writer).expect("small writer"))
-    .bind(&counters)
-    .execute(&mut *tx)
-    .await
-    .expect("the burst's business rows");
-    service
-        .emit_all_in(&mut tx, (0..size).map(|counter| Tick { writer, counter }))
-        .await
-        .expect("emit the burst");
-    tx.commit().await.expect("commit the burst");
-    history.record(writer, 0..size, Outcome::Committed);
 }
 
 /// 3. The proxy stalls the relay's NATS connection for longer than the ack timeout,
