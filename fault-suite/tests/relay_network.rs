@@ -34,12 +34,20 @@ const EVENTS: u32 = 2_000;
 async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
     let proxy = FaultProxy::start(shared_nats_addr()).await;
     let env = TestEnv::with_nats(format!("nats://{}", proxy.addr())).await;
+    // The whole batch in one read (the default caps a read at 8 MiB), and no pings that
+    // would find the stalled connection stale and replace it on their own while a slow
+    // machine writes the batch: this test wants the reset in the middle of a batch.
     let service = env
-        .service_with(env.config().relay(RelaySettings {
-            batch_size: 4_000,
-            ack_timeout: Duration::from_secs(1),
-            ..TestEnv::fast_relay()
-        }))
+        .service_with(
+            env.config()
+                .nats_ping_interval(Duration::from_secs(120))
+                .relay(RelaySettings {
+                    batch_size: 4_000,
+                    batch_bytes: 64 * 1024 * 1024,
+                    ack_timeout: Duration::from_secs(1),
+                    ..TestEnv::fast_relay()
+                }),
+        )
         .await;
 
     // A first event, so that the relay has published and knows the stream's tail:
