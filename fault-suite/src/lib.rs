@@ -30,6 +30,20 @@ use edupulse_events::DomainEvent;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// Prints the library's logs at the level `EDUPULSE_LOG` names (`error`, `warn`, `info`,
+/// `debug`, `trace`), when it is set, for reading a scenario that failed:
+/// `EDUPULSE_LOG=info cargo test -p edupulse-fault-suite --test cluster -- --nocapture`.
+/// Every scenario calls it as it begins; once per process.
+pub fn logs_from_env() {
+    let Some(level) = std::env::var("EDUPULSE_LOG")
+        .ok()
+        .and_then(|level| level.parse::<tracing::Level>().ok())
+    else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt().with_max_level(level).try_init();
+}
+
 /// The one event type of the suite: writer `writer`'s `counter`-th event. Its subject
 /// is per writer, so per-subject order is per-writer order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]

@@ -37,6 +37,7 @@ pub struct Run {
 impl Run {
     /// Begins a scenario: its scale and seed from the environment, printed.
     pub fn begin(name: &'static str) -> Run {
+        crate::logs_from_env();
         let (rng, seed) = Rng::from_env();
         let scale = Scale::from_env();
         println!("[{name}] scale {scale:?}, EDUPULSE_FAULTS_SEED={seed}");

@@ -8,6 +8,7 @@ use super::inbox::spawn_pruner;
 use super::instance::client_gone;
 use super::lane::{give_back, Lanes};
 use super::undeliverable;
+use crate::service::nats::Mover;
 use crate::support::retry::{progress_period, sleep_or_stop};
 use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::Message;
@@ -103,6 +104,8 @@ struct Fetcher {
     /// How often the instance's connection had been established when last looked at
     /// (0 at first, so that the loop begins with a scan).
     connects: u64,
+    /// Moves the client to another server when the group cannot be read on this one.
+    mover: Mover,
 }
 
 impl Fetcher {
@@ -118,6 +121,7 @@ impl Fetcher {
         let failure = ctx.failure.subscribe();
         Fetcher {
             connects: 0,
+            mover: Mover::default(),
             failure,
             listener,
             ctx,
@@ -157,9 +161,15 @@ impl Fetcher {
     async fn pull(&mut self) -> Option<Pull> {
         // What the group had been given before this instance pulls: see `Gate`.
         let info = match self.consumer.get_info().await {
-            Ok(info) => Some(info),
+            Ok(info) => {
+                self.mover.ok();
+                Some(info)
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot read the consumer group's state; holding new messages until ack_wait has passed");
+                self.mover
+                    .failed(&self.ctx.nats, "reading the consumer group")
+                    .await;
                 None
             }
         };
@@ -276,9 +286,15 @@ impl Fetcher {
     /// After the pull stream reported an error: arms the gate with the group's state.
     async fn rearm(&mut self) {
         let info = match self.consumer.get_info().await {
-            Ok(info) => Some(info),
+            Ok(info) => {
+                self.mover.ok();
+                Some(info)
+            }
             Err(error) => {
                 tracing::debug!(%error, "cannot read the consumer group's state after a pull error");
+                self.mover
+                    .failed(&self.ctx.nats, "reading the consumer group")
+                    .await;
                 None
             }
         };

@@ -4,6 +4,7 @@
 
 use super::leader::{lead, Led};
 use super::RelayState;
+use crate::service::nats::Mover;
 use crate::service::Inner;
 use crate::support::pg::{is_undefined_table, open_session, Within};
 use crate::support::retry::sleep_or_stop;
@@ -34,6 +35,7 @@ pub(super) async fn run(inner: Arc<Inner>, stop: watch::Receiver<bool>, state: A
         stop,
         state,
         standby: None,
+        mover: Mover::default(),
     };
     loop {
         if *election.stop.borrow() {
@@ -60,6 +62,8 @@ struct Election {
     stop: watch::Receiver<bool>,
     state: Arc<RelayState>,
     standby: Option<PgConnection>,
+    /// Moves the NATS client off a server that cannot reach JetStream, across terms.
+    mover: Mover,
 }
 
 impl Election {
@@ -104,7 +108,14 @@ impl Election {
         let settings = &self.inner.config.relay;
         self.state.leader.store(true, Ordering::SeqCst);
         tracing::info!("relay leads");
-        let outcome = lead(&self.inner, &mut conn, &mut self.stop, &self.state).await;
+        let outcome = lead(
+            &self.inner,
+            &mut conn,
+            &mut self.stop,
+            &self.state,
+            &mut self.mover,
+        )
+        .await;
         self.state.leader.store(false, Ordering::SeqCst);
         match outcome {
             Ok(Led::Stopped) => {

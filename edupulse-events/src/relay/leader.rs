@@ -10,6 +10,7 @@ use super::read::{self, OutboxRow};
 use super::wake::{Wake, BUSY_BATCH};
 use super::RelayState;
 use crate::relay::RelaySettings;
+use crate::service::nats::Mover;
 use crate::service::Inner;
 use crate::support::pg::Within;
 use crate::support::retry::{backoff, sleep_or_stop};
@@ -71,6 +72,7 @@ pub(super) async fn lead(
     conn: &mut PgConnection,
     stop: &mut watch::Receiver<bool>,
     state: &RelayState,
+    mover: &mut Mover,
 ) -> Result<Led, sqlx::Error> {
     let settings = &inner.config.relay;
     let pruner = Pruner::start(conn, settings).await?;
@@ -91,6 +93,7 @@ pub(super) async fn lead(
         tail_failures: 0,
         prefetched: None,
         failing_since: None,
+        mover,
     };
     let led = leader.run().await;
     leader.marker.settle(state, &mut leader.pruner).await;
@@ -122,6 +125,8 @@ struct Leader<'a> {
     prefetched: Option<Vec<OutboxRow>>,
     /// Since when every batch has failed with nothing published.
     failing_since: Option<Instant>,
+    /// Moves the client to another server when NATS keeps failing on this one.
+    mover: &'a mut Mover,
 }
 
 impl Leader<'_> {
@@ -332,6 +337,8 @@ impl Leader<'_> {
         }
         match read_tail(self.inner).await {
             Ok(read) => {
+                // Not a sign that this server works: a node cut off from its cluster
+                // may still answer with what it last knew, and refuse every publish.
                 self.tail_failures = 0;
                 Ok(read)
             }
@@ -346,6 +353,9 @@ impl Leader<'_> {
                 tracing::warn!(error = %why, retry_in = ?delay, "relay cannot read the stream; retrying");
                 self.state
                     .failing(format!("cannot read the stream from NATS: {why}; retrying"));
+                self.mover
+                    .failed(&self.inner.nats, "reading the stream")
+                    .await;
                 if self.failing_too_long() {
                     return Err(Step::End(Led::Yielded));
                 }
@@ -448,15 +458,19 @@ impl Leader<'_> {
         self.chain_broken |= marked.out_of_chain;
         if marked.published > 0 || marked.retry_in.is_none() {
             self.failing_since = None;
+            self.mover.ok();
             if marked.retry_in.is_none() {
                 self.state.recovered();
             }
-        } else if self.failing_too_long() {
-            tracing::warn!(
-                failing_for = ?self.failing_since.map(|since| since.elapsed()),
-                "relay cannot publish to NATS; letting another replica lead for a while"
-            );
-            return Ok(Step::End(Led::Yielded));
+        } else {
+            self.mover.failed(&self.inner.nats, "publishing").await;
+            if self.failing_too_long() {
+                tracing::warn!(
+                    failing_for = ?self.failing_since.map(|since| since.elapsed()),
+                    "relay cannot publish to NATS; letting another replica lead for a while"
+                );
+                return Ok(Step::End(Led::Yielded));
+            }
         }
         if let Some(delay) = marked.retry_in {
             if let Step::End(led) = self.pause(delay).await {

@@ -71,3 +71,58 @@ pub(crate) async fn connect(config: &Config) -> Result<async_nats::Client, Conne
         .await
         .map_err(|e| nats_error(e.to_string()))
 }
+
+/// How long a client's JetStream calls must keep failing on an open connection before
+/// the client is moved to another server (at most this often, too).
+pub(crate) const MOVE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Moves a client off a server that stays connected but cannot reach JetStream: a node
+/// cut off from the rest of its cluster (a minority partition), or one whose routes do
+/// not come back. The client only moves by itself when its connection drops or goes
+/// silent (pings); here every request fails or times out while pings are answered.
+/// A step of a long loop: [`Mover::failed`] after each failure, [`Mover::ok`] after a
+/// success.
+#[derive(Debug, Default)]
+pub(crate) struct Mover {
+    /// Since when every call has failed.
+    failing_since: Option<tokio::time::Instant>,
+    /// When the client was last told to move.
+    moved_at: Option<tokio::time::Instant>,
+}
+
+impl Mover {
+    /// A call went through: the server is fine.
+    pub fn ok(&mut self) {
+        self.failing_since = None;
+    }
+
+    /// A call failed. After [`MOVE_AFTER`] of failures (and no move in the last
+    /// [`MOVE_AFTER`]), tells the client to reconnect, to another server of its pool
+    /// when it has more than one (it picks one at random; a wrong pick fails again and
+    /// moves again). Returns whether it did.
+    pub async fn failed(&mut self, client: &async_nats::Client, what: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        let since = *self.failing_since.get_or_insert(now);
+        let quiet = self
+            .moved_at
+            .is_none_or(|at| now.duration_since(at) >= MOVE_AFTER);
+        if now.duration_since(since) < MOVE_AFTER || !quiet {
+            return false;
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            // It is moving already.
+            return false;
+        }
+        match client.server_pool().await {
+            Ok(pool) if pool.len() > 1 => {}
+            _ => return false,
+        }
+        self.moved_at = Some(now);
+        tracing::warn!(
+            failing_for = ?now.duration_since(since),
+            "{what} has failed on this NATS server for a while although the connection \
+             is up (a node cut off from its cluster?); moving to another server"
+        );
+        client.force_reconnect().await.is_ok()
+    }
+}
