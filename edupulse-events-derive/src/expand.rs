@@ -5,7 +5,7 @@ use crate::attr::{self, Attrs};
 use crate::ctxt::Ctxt;
 use crate::fallback;
 use crate::valid::Segment;
-use proc_macro2::TokenStream;
+use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Fields, LitStr};
@@ -151,6 +151,12 @@ fn previous_tokens(
     previous: &syn::Path,
 ) -> (TokenStream, TokenStream) {
     let span = previous.span();
+    // Spans cannot be joined on stable: tokens that start at the path's first segment
+    // and end at its last make rustc underline the whole path.
+    let last = previous
+        .segments
+        .last()
+        .map_or(span, |segment| segment.ident.span());
     let written = quote!(#previous).to_string().replace(' ', "");
     let before = version - 1;
     let name_message = format!(
@@ -164,6 +170,10 @@ fn previous_tokens(
          the type of version {before} in `previous`"
     );
     let event = quote_spanned!(span=> #krate::DomainEvent);
+    let method = quote_spanned!(last=> upcast_from);
+    let upcast_from = quote_spanned! {span=>
+        <Self as #krate::__private::UpcastFrom<#previous>>::#method
+    };
     let items = quote_spanned! {span=>
         const __OLDEST_VERSION: u32 = if <#previous as #event>::VERSION + 1 == #version {
             <#previous as #event>::__OLDEST_VERSION
@@ -183,22 +193,37 @@ fn previous_tokens(
                 return ::core::option::Option::Some(#krate::serde_json::from_slice(payload));
             }
             let older = <#previous as #event>::__upcast(version, payload)?;
-            ::core::option::Option::Some(older.map(
-                <Self as #krate::__private::UpcastFrom<#previous>>::upcast_from,
-            ))
+            ::core::option::Option::Some(older.map(#upcast_from))
         }
     };
-    let checks = quote_spanned! {span=>
-        const _: () = ::core::assert!(
+    let name_check = spanned_assert(
+        span,
+        last,
+        quote_spanned! {span=>
             #krate::__private::same_str(<#previous as #event>::NAME, #name),
             #name_message
-        );
-        const _: () = ::core::assert!(
+        },
+    );
+    let version_check = spanned_assert(
+        span,
+        last,
+        quote_spanned! {span=>
             <#previous as #event>::VERSION == #before,
             #version_message
-        );
+        },
+    );
+    let checks = quote! {
+        const _: () = #name_check;
+        const _: () = #version_check;
     };
     (items, checks)
+}
+
+/// `::core::assert!(args)`, starting at `first` and ending at `last`.
+fn spanned_assert(first: Span, last: Span, args: TokenStream) -> TokenStream {
+    let mut group = Group::new(Delimiter::Parenthesis, args);
+    group.set_span(last);
+    quote_spanned!(first=> ::core::assert! #group)
 }
 
 fn subject_body(krate: &syn::Path, item: &Item, segments: &[Segment], lit: &LitStr) -> TokenStream {

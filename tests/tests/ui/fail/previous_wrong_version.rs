@@ -8,7 +8,7 @@ pub struct QuizSubmittedV1 {
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
-#[event(name = "quiz.submitted", version = 3, previous = QuizSubmittedV1)]
+#[event(name = "quiz.submitted", version = 3, previous = self::QuizSubmittedV1)]
 pub struct QuizSubmitted {
     pub quiz_id: u64,
 }
