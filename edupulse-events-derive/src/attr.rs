@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::{Attribute, Expr, ExprLit, Lit, LitInt, LitStr, Meta, Token};
 
 /// The keys `#[event(...)]` knows, as listed in error messages.
-const KNOWN_KEYS: &str = "`name`, `version`, `subject`, `crate`";
+const KNOWN_KEYS: &str = "`name`, `version`, `previous`, `subject`, `crate`";
 
 /// What the `#[event(...)]` attributes said; `None` where a key was absent or wrong.
 #[derive(Default)]
@@ -17,6 +17,8 @@ pub struct Attrs {
     pub version: Option<(u32, LitInt)>,
     /// The subject template, parsed, and the literal it came from.
     pub subject: Option<(Vec<Segment>, LitStr)>,
+    /// The type of the previous version, as written.
+    pub previous: Option<syn::Path>,
     /// The path to the runtime crate.
     pub krate: Option<syn::Path>,
     /// Whether any `#[event]` attribute was present at all.
@@ -133,6 +135,29 @@ fn read_meta(cx: &mut Ctxt, out: &mut Attrs, meta: Meta) {
                         "`version` must be a whole number from 1 to {}, e.g. `version = 2`",
                         i32::MAX
                     ),
+                ),
+            }
+        }
+        "previous" => {
+            if out.previous.is_some() {
+                duplicate(cx, &nv.path, "previous");
+                return;
+            }
+            match &nv.value {
+                Expr::Path(path) if path.qself.is_none() => out.previous = Some(path.path.clone()),
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(s), ..
+                }) => cx.error_spanned_by(
+                    s,
+                    format!(
+                        "`previous` takes a type, not a string; write `previous = {}`",
+                        s.value().trim()
+                    ),
+                ),
+                other => cx.error_spanned_by(
+                    other,
+                    "`previous` takes the type of the version before this one, e.g. \
+                     `previous = QuizSubmittedV1`",
                 ),
             }
         }

@@ -5,8 +5,9 @@ use crate::attr::{self, Attrs};
 use crate::ctxt::Ctxt;
 use crate::fallback;
 use crate::valid::Segment;
-use proc_macro2::TokenStream;
+use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
 use syn::{DeriveInput, Fields, LitStr};
 
 /// Runs the whole pipeline for one derive input.
@@ -29,6 +30,9 @@ pub fn derive(input: &DeriveInput) -> TokenStream {
         };
         cx.error_spanned_by(&input.ident, message);
     }
+    if let Some(previous) = &attrs.previous {
+        check_previous_on_first(&mut cx, &attrs, previous);
+    }
     if let (Some(item), Some((segments, lit))) = (&item, &attrs.subject) {
         check_placeholders(&mut cx, item, segments, lit);
     }
@@ -49,6 +53,24 @@ pub fn derive(input: &DeriveInput) -> TokenStream {
         // Unreachable in practice: a missing name or item always records an error.
         (Ok(()), _, _) => fallback::expand(input, &krate),
     }
+}
+
+/// `previous` needs a version before this one: this one must be 2 or later.
+fn check_previous_on_first(cx: &mut Ctxt, attrs: &Attrs, previous: &syn::Path) {
+    let what = match &attrs.version {
+        Some((version, _)) if *version > 1 => return,
+        Some(_) => "this is `version = 1`",
+        None => "this event has no `version`, so it is version 1",
+    };
+    let written = quote!(#previous).to_string().replace(' ', "");
+    cx.error_spanned_by(
+        previous,
+        format!(
+            "`previous = {written}` names the version before this one, but {what}, the \
+             first: write `version = 2` here (with `{written}` as version 1), or remove \
+             `previous`"
+        ),
+    );
 }
 
 fn check_placeholders(cx: &mut Ctxt, item: &Item, segments: &[Segment], lit: &LitStr) {
@@ -86,14 +108,22 @@ fn impl_event(krate: &syn::Path, item: &Item, name: &str, attrs: &Attrs) -> Toke
         Some((segments, lit)) => (lit.value(), subject_body(krate, item, segments, lit)),
     };
 
+    let (previous_items, previous_checks) = match &attrs.previous {
+        Some(previous) => previous_tokens(krate, name, version, previous),
+        None => (TokenStream::new(), TokenStream::new()),
+    };
+
     quote! {
         #[doc(hidden)]
         const _: () = {
+            #previous_checks
+
             #[automatically_derived]
             impl #krate::DomainEvent for #ident {
                 const NAME: &'static str = #name;
                 const VERSION: u32 = #version;
                 const SUBJECT_TEMPLATE: &'static str = #template;
+                #previous_items
 
                 fn subject(
                     &self,
@@ -109,6 +139,91 @@ fn impl_event(krate: &syn::Path, item: &Item, name: &str, attrs: &Attrs) -> Toke
             }
         };
     }
+}
+
+/// The trait items of an event with `previous = ...`, and the compile-time checks of
+/// the previous type (same name, version one lower, a `From` conversion), all spanned
+/// at the `previous` value so that errors point there.
+fn previous_tokens(
+    krate: &syn::Path,
+    name: &str,
+    version: u32,
+    previous: &syn::Path,
+) -> (TokenStream, TokenStream) {
+    let span = previous.span();
+    // Spans cannot be joined on stable: tokens that start at the path's first segment
+    // and end at its last make rustc underline the whole path.
+    let last = previous
+        .segments
+        .last()
+        .map_or(span, |segment| segment.ident.span());
+    let written = quote!(#previous).to_string().replace(' ', "");
+    let before = version - 1;
+    let name_message = format!(
+        "`previous = {written}` must be a version of event `{name}`, but `{written}` has \
+         another name: give it `#[event(name = \"{name}\", version = {before})]`, or name \
+         the type of version {before} of `{name}` in `previous`"
+    );
+    let version_message = format!(
+        "`previous = {written}` must be version {before} of `{name}` (one below this \
+         version {version}), but its version differs: give it `version = {before}`, or name \
+         the type of version {before} in `previous`"
+    );
+    let event = quote_spanned!(span=> #krate::DomainEvent);
+    let method = quote_spanned!(last=> upcast_from);
+    let upcast_from = quote_spanned! {span=>
+        <Self as #krate::__private::UpcastFrom<#previous>>::#method
+    };
+    let items = quote_spanned! {span=>
+        const __OLDEST_VERSION: u32 = if <#previous as #event>::VERSION + 1 == #version {
+            <#previous as #event>::__OLDEST_VERSION
+        } else {
+            #version
+        };
+        const __PREVIOUS: ::core::option::Option<#krate::__private::Previous> =
+            ::core::option::Option::Some(#krate::__private::Previous::of::<#previous>());
+
+        fn __upcast(
+            version: u32,
+            payload: &[u8],
+        ) -> ::core::option::Option<
+            ::core::result::Result<Self, #krate::serde_json::Error>,
+        > {
+            if version == #version {
+                return ::core::option::Option::Some(#krate::serde_json::from_slice(payload));
+            }
+            let older = <#previous as #event>::__upcast(version, payload)?;
+            ::core::option::Option::Some(older.map(#upcast_from))
+        }
+    };
+    let name_check = spanned_assert(
+        span,
+        last,
+        quote_spanned! {span=>
+            #krate::__private::same_str(<#previous as #event>::NAME, #name),
+            #name_message
+        },
+    );
+    let version_check = spanned_assert(
+        span,
+        last,
+        quote_spanned! {span=>
+            <#previous as #event>::VERSION == #before,
+            #version_message
+        },
+    );
+    let checks = quote! {
+        const _: () = #name_check;
+        const _: () = #version_check;
+    };
+    (items, checks)
+}
+
+/// `::core::assert!(args)`, starting at `first` and ending at `last`.
+fn spanned_assert(first: Span, last: Span, args: TokenStream) -> TokenStream {
+    let mut group = Group::new(Delimiter::Parenthesis, args);
+    group.set_span(last);
+    quote_spanned!(first=> ::core::assert! #group)
 }
 
 fn subject_body(krate: &syn::Path, item: &Item, segments: &[Segment], lit: &LitStr) -> TokenStream {

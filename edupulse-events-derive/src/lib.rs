@@ -29,9 +29,11 @@ use syn::{parse_macro_input, DeriveInput};
 /// pub struct QuizSubmitted { pub quiz_id: Uuid, pub score: f32 }
 /// ```
 ///
-/// Keys of `#[event(...)]`: `name` (required), `version` (default 1), `subject`
-/// (default: the name) and `crate` (the path to edupulse-events, default
-/// `::edupulse_events`). See the `edupulse_events::DomainEvent` trait for the rules.
+/// Keys of `#[event(...)]`: `name` (required), `version` (default 1), `previous` (on
+/// version 2 or later, the type of the version before, from which the struct
+/// implements `From`), `subject` (default: the name) and `crate` (the path to
+/// edupulse-events, default `::edupulse_events`). See the `edupulse_events::DomainEvent`
+/// trait for the rules.
 #[proc_macro_derive(DomainEvent, attributes(event))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);

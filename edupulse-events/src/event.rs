@@ -3,6 +3,7 @@
 use crate::subject::{check_token, TokenProblem};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::any::TypeId;
 use std::fmt::{self, Write as _};
 
 /// A domain event: a named, versioned, routable fact that a service emits.
@@ -12,7 +13,11 @@ use std::fmt::{self, Write as _};
 ///   and `-`, at most 128 characters, with no wildcard and no leading `$`;
 /// - `version` (default 1) is an integer of 1 or more;
 /// - `subject` (default: the name) is made of such tokens and of `{field}` placeholders,
-///   each a whole token naming a field of the struct whose type implements `Display`.
+///   each a whole token naming a field of the struct whose type implements `Display`;
+/// - `previous` (optional, on version 2 or later) names the type of the version before
+///   this one: a `DomainEvent` with the same `name` and a `version` exactly one lower,
+///   from which this type implements `From`. Each error is reported at the `previous`
+///   value.
 ///
 /// ```
 /// use edupulse_events::DomainEvent;
@@ -30,6 +35,53 @@ use std::fmt::{self, Write as _};
 /// let event = QuizSubmitted { quiz_id: 42, score: 0.9 };
 /// assert_eq!(event.subject().unwrap(), "quiz.42.submitted");
 /// ```
+///
+/// # Versions that evolve
+///
+/// When a payload changes, keep the old type and name it as the new one's `previous`,
+/// with a `From` conversion (an upcast). Chains may be of any length (v1 → v2 → v3). A
+/// consumer registered for the newest type then receives every older version in the
+/// stream converted through the chain, one `From` at a time; its
+/// [`Envelope::version`](crate::Envelope::version) still says which version was
+/// published. A version with no path to the handled type (a newer one, or an older one
+/// outside the chain) is dead-lettered as `unknown_version`. The older types stay
+/// events of their own: emitting one is possible (and wise during a rolling deploy,
+/// until every consumer runs the code that knows the newer version).
+///
+/// ```
+/// use edupulse_events::DomainEvent;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+/// #[event(name = "quiz.submitted")]
+/// pub struct QuizSubmittedV1 {
+///     pub quiz_id: u64,
+///     pub correct: u32,
+/// }
+///
+/// #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+/// #[event(name = "quiz.submitted", version = 2, previous = QuizSubmittedV1)]
+/// pub struct QuizSubmitted {
+///     pub quiz_id: u64,
+///     pub correct: u32,
+///     pub total: Option<u32>,
+/// }
+///
+/// impl From<QuizSubmittedV1> for QuizSubmitted {
+///     fn from(v1: QuizSubmittedV1) -> Self {
+///         QuizSubmitted { quiz_id: v1.quiz_id, correct: v1.correct, total: None }
+///     }
+/// }
+///
+/// let entry = edupulse_events::registry().get("quiz.submitted").unwrap();
+/// assert!(entry.is::<QuizSubmitted>());
+/// assert_eq!(entry.previous_type_name(), Some(std::any::type_name::<QuizSubmittedV1>()));
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a domain event",
+    label = "not a `DomainEvent`",
+    note = "derive it: `#[derive(Serialize, Deserialize, DomainEvent)]` with `#[event(name = \"...\")]`"
+)]
 pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stable, unique event name, e.g. `"lesson.published"`.
     const NAME: &'static str;
@@ -46,6 +98,79 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// [`SubjectError`] when a field's value is not a valid single subject token: empty,
     /// or containing `.`, `*`, `>`, whitespace or a control character.
     fn subject(&self) -> Result<String, SubjectError>;
+
+    /// The oldest version this type can be converted from through its `previous`
+    /// chain (its own version when it has none). Generated code only.
+    #[doc(hidden)]
+    const __OLDEST_VERSION: u32 = Self::VERSION;
+
+    /// The type named by `previous`, if any. Generated code only.
+    #[doc(hidden)]
+    const __PREVIOUS: Option<Previous> = None;
+
+    /// Decodes a payload published as `version` of this event, converted into this
+    /// type through the `previous` chain; `None` when `version` has no path to this
+    /// type. Generated code only.
+    #[doc(hidden)]
+    fn __upcast(version: u32, payload: &[u8]) -> Option<Result<Self, serde_json::Error>> {
+        (version == Self::VERSION).then(|| serde_json::from_slice(payload))
+    }
+}
+
+/// The type an event names as its `previous` version (generated code only).
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct Previous {
+    /// The previous type's id.
+    pub type_id: fn() -> TypeId,
+    /// The previous type's Rust path.
+    pub type_name: fn() -> &'static str,
+}
+
+impl Previous {
+    /// The description of `P` (generated code only).
+    pub const fn of<P: 'static>() -> Previous {
+        Previous {
+            type_id: TypeId::of::<P>,
+            type_name: std::any::type_name::<P>,
+        }
+    }
+}
+
+/// Whether two strings are equal, in a constant (generated code only).
+#[doc(hidden)]
+pub const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `Self` converts from the previous version `P` (generated code only): the bound the
+/// derive's upcast needs, with a message that says what to write.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`previous = {P}` needs `impl From<{P}> for {Self}`, the upcast from the previous version",
+    label = "no `From<{P}>` for `{Self}`",
+    note = "write `impl From<{P}> for {Self} {{ fn from(old: {P}) -> Self {{ ... }} }}`, filling the new fields from the old ones"
+)]
+pub trait UpcastFrom<P> {
+    /// Converts the previous version.
+    fn upcast_from(previous: P) -> Self;
+}
+
+impl<P, E: From<P>> UpcastFrom<P> for E {
+    fn upcast_from(previous: P) -> Self {
+        E::from(previous)
+    }
 }
 
 /// A field's value cannot stand as a subject token.
@@ -126,5 +251,13 @@ mod tests {
         push_field(&mut out, "e", "f", &7u8).unwrap();
         push_literal(&mut out, "done");
         assert_eq!(out, "7.done");
+    }
+
+    #[test]
+    fn same_str_compares_whole_strings() {
+        assert!(same_str("quiz.submitted", "quiz.submitted"));
+        assert!(same_str("", ""));
+        assert!(!same_str("quiz.submitted", "quiz.submitte"));
+        assert!(!same_str("quiz.submitted", "quiz.submitteD"));
     }
 }

@@ -97,7 +97,8 @@ pub use outbox::{
     Requeue, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use registry::{
-    registry, DecodeError, DecodedEvent, DuplicateName, EventType, Registry, RegistryError,
+    registry, DecodeError, DecodedEvent, DuplicateName, EventType, MissingPredecessor, Registry,
+    RegistryError,
 };
 pub use relay::{RelayError, RelayHandle, RelaySettings, RelayStatus};
 pub use service::{ConnectError, ConnectErrorKind, EventService};
@@ -109,7 +110,7 @@ pub use wire::headers;
 /// What generated code uses. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::event::{push_field, push_literal};
+    pub use crate::event::{push_field, push_literal, same_str, Previous, UpcastFrom};
     pub use crate::registry::EventType;
     pub use inventory;
 }

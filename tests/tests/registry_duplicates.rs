@@ -1,4 +1,5 @@
-//! Two types registered under one event name are reported, naming both types.
+//! Two types registered under one event name and version are reported, naming both
+//! types; another version of the same name, linked by `previous`, is not a duplicate.
 
 use edupulse_events::{registry, DomainEvent};
 use serde::{Deserialize, Serialize};
@@ -13,9 +14,22 @@ mod grading {
 
 mod analytics {
     #[derive(serde::Serialize, serde::Deserialize, edupulse_events::DomainEvent)]
-    #[event(name = "quiz.submitted", version = 2)]
+    #[event(name = "quiz.submitted")]
     pub struct QuizTaken {
         pub quiz: u64,
+    }
+
+    /// Version 2 of the shared name, in the chain: not a duplicate.
+    #[derive(serde::Serialize, serde::Deserialize, edupulse_events::DomainEvent)]
+    #[event(name = "quiz.submitted", version = 2, previous = QuizTaken)]
+    pub struct QuizTakenV2 {
+        pub quiz: u64,
+    }
+
+    impl From<QuizTaken> for QuizTakenV2 {
+        fn from(old: QuizTaken) -> Self {
+            QuizTakenV2 { quiz: old.quiz }
+        }
     }
 }
 
@@ -31,8 +45,10 @@ fn a_shared_name_is_an_error_naming_both_types() {
         .validate()
         .expect_err("two types share quiz.submitted");
     assert_eq!(error.duplicates.len(), 1);
+    assert!(error.missing_predecessors.is_empty(), "{error}");
     let duplicate = &error.duplicates[0];
     assert_eq!(duplicate.name, "quiz.submitted");
+    assert_eq!(duplicate.version, 1);
     assert_eq!(
         duplicate.type_names,
         [
@@ -41,7 +57,8 @@ fn a_shared_name_is_an_error_naming_both_types() {
         ]
     );
     let message = error.to_string();
-    assert!(message.contains("`quiz.submitted`"), "{message}");
+    assert!(message.contains("`quiz.submitted` version 1"), "{message}");
+    assert!(!message.contains("QuizTakenV2"), "{message}");
     assert!(
         message.contains("`registry_duplicates::grading::QuizSubmitted`"),
         "{message}"
@@ -55,7 +72,8 @@ fn a_shared_name_is_an_error_naming_both_types() {
     // Both stay reachable by type, and iteration lists both.
     assert!(registry().get_type::<grading::QuizSubmitted>().is_some());
     assert!(registry().get_type::<analytics::QuizTaken>().is_some());
-    assert_eq!(registry().len(), 3);
+    assert!(registry().get_type::<analytics::QuizTakenV2>().is_some());
+    assert_eq!(registry().len(), 4);
     assert_eq!(LessonPublished::NAME, "lesson.published");
 }
 

@@ -249,12 +249,20 @@ fn envelope_of(
             ))
         }
     };
-    if version != route.version {
+    if !route.accepts(version) {
+        let handled = if route.oldest_version == route.version {
+            format!("version {}", route.version)
+        } else {
+            format!(
+                "versions {} to {} (converted through `previous` into version {})",
+                route.oldest_version, route.version, route.version
+            )
+        };
         return Err((
             DeadReason::UnknownVersion,
             format!(
-                "event `{name}` has version {version}; this consumer handles version {}",
-                route.version
+                "event `{name}` has version {version}; this consumer handles {handled}: \
+                 handle a type of that version, or link it into the chain with `previous`"
             ),
         ));
     }
@@ -438,5 +446,41 @@ mod tests {
             why.contains("version 99") && why.contains("version 1"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn every_version_with_a_path_to_the_route_is_accepted() {
+        let mut chained = route("quiz.submitted", 3, "quiz.*.submitted");
+        chained.oldest_version = 1;
+        let routes = Routes::new("grading", vec![chained]).unwrap();
+        let id = Uuid::now_v7().to_string();
+        let parse_version = |version: &str| {
+            let message = message(
+                "edupulse.quiz.q1.submitted",
+                &[
+                    (headers::TYPE, "quiz.submitted"),
+                    (headers::ID, &id),
+                    (headers::VERSION, version),
+                ],
+            );
+            match parse(&routes, "grading", PREFIX, &message, DELIVERED) {
+                Parsed::Event(_, envelope) => Ok(envelope.version),
+                Parsed::Dead(reason, why) => Err((reason, why)),
+                Parsed::NotOurs => panic!("not ours"),
+            }
+        };
+        for version in [1, 2, 3] {
+            assert_eq!(parse_version(&version.to_string()), Ok(version));
+        }
+        for version in ["0", "4"] {
+            let (reason, why) = parse_version(version).unwrap_err();
+            assert_eq!(reason, DeadReason::UnknownVersion);
+            assert!(
+                why.contains(&format!("version {version};"))
+                    && why
+                        .contains("versions 1 to 3 (converted through `previous` into version 3)"),
+                "{why}"
+            );
+        }
     }
 }

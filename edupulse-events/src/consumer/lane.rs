@@ -268,11 +268,17 @@ impl Delivery<'_> {
     fn decode(&self) -> Decoded {
         let decode = self.route.decode;
         let payload = &self.message.payload;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| decode(payload))) {
-            Ok(Ok(event)) => Decoded::Event(event),
-            Ok(Err(error)) => Decoded::Refused(format!(
-                "payload does not decode as `{}`: {error}",
+        let version = self.envelope.version;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| decode(version, payload))) {
+            Ok(Some(Ok(event))) => Decoded::Event(event),
+            Ok(Some(Err(error))) => Decoded::Refused(format!(
+                "payload does not decode as `{}` version {version}: {error}",
                 self.route.name
+            )),
+            // The envelope was only made for a version the route accepts.
+            Ok(None) => Decoded::Refused(format!(
+                "internal: `{}` version {version} has no path to version {}",
+                self.route.name, self.route.version
             )),
             Err(panic) => Decoded::Panicked(format!(
                 "decoding `{}` panicked: {}",

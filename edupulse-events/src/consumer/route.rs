@@ -10,10 +10,11 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// What the handler of one event type is, in three parts: how its payload is decoded
-/// (boxed, for the type-erased call below), and the call itself, plain or in a
-/// transaction.
-pub(super) type Decode = fn(&[u8]) -> Result<Box<dyn Any + Send>, serde_json::Error>;
+/// What the handler of one event type is, in three parts: how its payload, published
+/// as a given version, is decoded and converted through the `previous` chain (boxed,
+/// for the type-erased call below; `None` when the version has no path to the
+/// handler's type), and the call itself, plain or in a transaction.
+pub(super) type Decode = fn(u32, &[u8]) -> Option<Result<Box<dyn Any + Send>, serde_json::Error>>;
 /// An `on` handler, behind the type erasure: takes what [`decode_any`] made.
 pub(super) type PlainCall = Arc<
     dyn Fn(Box<dyn Any + Send>, Envelope) -> BoxFuture<'static, Result<(), HandlerError>>
@@ -48,6 +49,9 @@ pub(super) struct Route {
     pub name: &'static str,
     /// The schema version the handler takes.
     pub version: u32,
+    /// The oldest version converted into it through the `previous` chain (`version`
+    /// when the type has no `previous`).
+    pub oldest_version: u32,
     /// The subject filter, relative to the prefix, e.g. `quiz.*.submitted`.
     pub filter: String,
     /// Decodes the payload into the event type.
@@ -62,6 +66,7 @@ impl Route {
         Route {
             name: E::NAME,
             version: E::VERSION,
+            oldest_version: E::__OLDEST_VERSION,
             filter: filter_of(E::SUBJECT_TEMPLATE),
             decode: decode_any::<E>,
             call,
@@ -69,9 +74,21 @@ impl Route {
     }
 }
 
-/// Decodes a payload as `E`, boxed for [`unbox`].
-fn decode_any<E: DomainEvent>(payload: &[u8]) -> Result<Box<dyn Any + Send>, serde_json::Error> {
-    Ok(Box::new(serde_json::from_slice::<E>(payload)?))
+impl Route {
+    /// Whether a message published as `version` has a path to the handler's type.
+    pub fn accepts(&self, version: u32) -> bool {
+        (self.oldest_version..=self.version).contains(&version)
+    }
+}
+
+/// Decodes a payload published as `version` into `E` (through its `previous` chain),
+/// boxed for [`unbox`].
+fn decode_any<E: DomainEvent>(
+    version: u32,
+    payload: &[u8],
+) -> Option<Result<Box<dyn Any + Send>, serde_json::Error>> {
+    let decoded = E::__upcast(version, payload)?;
+    Some(decoded.map(|event| Box::new(event) as Box<dyn Any + Send>))
 }
 
 /// Unboxes what `decode_any::<E>` made.
@@ -172,8 +189,9 @@ pub(super) mod tests {
         Route {
             name,
             version,
+            oldest_version: version,
             filter: filter.to_owned(),
-            decode: |_| Ok(Box::new(())),
+            decode: |_, _| Some(Ok(Box::new(()))),
             call: Call::Plain(Arc::new(|_, _| Box::pin(async { Ok(()) }))),
         }
     }
