@@ -80,7 +80,7 @@ impl fmt::Debug for EventSchema {
 inventory::collect!(EventSchema);
 
 fn generate<E: JsonSchema>() -> Value {
-    let mut settings = SchemaSettings::draft07().for_serialize();
+    let mut settings = SchemaSettings::draft07();
     settings.inline_subschemas = true;
     settings
         .into_generator()
