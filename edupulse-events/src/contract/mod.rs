@@ -3,7 +3,7 @@
 //! consumers can still read. Needs the `schema` feature.
 //!
 //! An event type opts in with `schema` in its `#[event(...)]` attribute and a
-//! `JsonSchema` derive (schemars comes re-exported as [`schemars`](crate::schemars), so
+//! `JsonSchema` derive (schemars comes re-exported as [`crate::schemars`], so
 //! no extra dependency is needed):
 //!
 //! ```
@@ -25,7 +25,9 @@
 //! ```
 //!
 //! - [`schemas`] lists every event type with a schema, [`EventSchema::schema`] gives it
-//!   (JSON Schema draft-07, describing the JSON the service sends).
+//!   (JSON Schema draft-07, describing the JSON a reader of the type accepts: `Option`
+//!   fields and fields with a serde default are optional; everything the service sends
+//!   is valid by it).
 //! - [`asyncapi`] builds the AsyncAPI 3.0 document of the service's events.
 //! - [`check_schemas`] keeps the schemas of published versions as files and fails on a
 //!   change that old consumers cannot read.

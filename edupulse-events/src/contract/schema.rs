@@ -55,7 +55,8 @@ impl EventSchema {
         (self.type_id)() == TypeId::of::<E>()
     }
 
-    /// The JSON Schema (draft-07) of the event's payload as the service sends it, with
+    /// The JSON Schema (draft-07) of the event's payload as a reader of the type accepts
+    /// it (every payload the service sends is valid by it), with
     /// its [`id`](Self::id) as `$id`. Subschemas are inlined, so it stands alone
     /// (a recursive type keeps `$ref`s into its own `definitions`).
     pub fn schema(&self) -> Value {
