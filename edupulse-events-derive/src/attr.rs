@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::{Attribute, Expr, ExprLit, Lit, LitInt, LitStr, Meta, Token};
 
 /// The keys `#[event(...)]` knows, as listed in error messages.
-const KNOWN_KEYS: &str = "`name`, `version`, `previous`, `subject`, `crate`";
+const KNOWN_KEYS: &str = "`name`, `version`, `previous`, `subject`, `crate`, `schema`";
 
 /// What the `#[event(...)]` attributes said; `None` where a key was absent or wrong.
 #[derive(Default)]
@@ -21,6 +21,8 @@ pub struct Attrs {
     pub previous: Option<syn::Path>,
     /// The path to the runtime crate.
     pub krate: Option<syn::Path>,
+    /// The `schema` flag, where given: register the type's JSON Schema.
+    pub schema: Option<syn::Path>,
     /// Whether any `#[event]` attribute was present at all.
     pub seen: bool,
     /// Whether `name` was given at all, valid or not (so a bad name is not also "missing").
@@ -60,6 +62,12 @@ pub fn get(cx: &mut Ctxt, attrs: &[Attribute]) -> Attrs {
 fn read_meta(cx: &mut Ctxt, out: &mut Attrs, meta: Meta) {
     let nv = match meta {
         Meta::NameValue(nv) => nv,
+        Meta::Path(path) if path.is_ident("schema") => {
+            if out.schema.replace(path.clone()).is_some() {
+                duplicate(cx, &path, "schema");
+            }
+            return;
+        }
         Meta::Path(path) => {
             let key = path_key(&path);
             cx.error_spanned_by(

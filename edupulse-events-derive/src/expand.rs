@@ -107,6 +107,10 @@ fn impl_event(krate: &syn::Path, item: &Item, name: &str, attrs: &Attrs) -> Toke
         ),
         Some((segments, lit)) => (lit.value(), subject_body(krate, item, segments, lit)),
     };
+    let schema = attrs
+        .schema
+        .as_ref()
+        .map(|_| quote! { #krate::__private::event_schema!(#ident); });
 
     let (previous_items, previous_checks) = match &attrs.previous {
         Some(previous) => previous_tokens(krate, name, version, previous),
@@ -137,6 +141,7 @@ fn impl_event(krate: &syn::Path, item: &Item, name: &str, attrs: &Attrs) -> Toke
                     ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
                 )
             }
+            #schema
         };
     }
 }

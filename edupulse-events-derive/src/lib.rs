@@ -31,8 +31,10 @@ use syn::{parse_macro_input, DeriveInput};
 ///
 /// Keys of `#[event(...)]`: `name` (required), `version` (default 1), `previous` (on
 /// version 2 or later, the type of the version before, from which the struct
-/// implements `From`), `subject` (default: the name) and `crate` (the path to
-/// edupulse-events, default `::edupulse_events`). See the `edupulse_events::DomainEvent`
+/// implements `From`), `subject` (default: the name), `crate` (the path to
+/// edupulse-events, default `::edupulse_events`) and `schema` (register the type's JSON
+/// Schema; needs the `schema` feature and `#[derive(JsonSchema)]`). See the
+/// `edupulse_events::DomainEvent`
 /// trait for the rules.
 #[proc_macro_derive(DomainEvent, attributes(event))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {

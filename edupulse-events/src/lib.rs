@@ -60,6 +60,8 @@
 mod causation;
 mod config;
 mod consumer;
+#[cfg(feature = "schema")]
+pub mod contract;
 mod event;
 mod migrate;
 mod outbox;
@@ -75,6 +77,8 @@ mod wire;
 // The crates whose types appear in this crate's API, so that a service depends on
 // `edupulse-events` (and `serde`, `tokio`) alone, at versions that match.
 pub use async_nats;
+#[cfg(feature = "schema")]
+pub use schemars;
 pub use serde_json;
 pub use sqlx;
 pub use time;
@@ -113,4 +117,21 @@ pub mod __private {
     pub use crate::event::{push_field, push_literal, same_str, Previous, UpcastFrom};
     pub use crate::registry::EventType;
     pub use inventory;
+
+    pub use crate::__event_schema as event_schema;
+    #[cfg(feature = "schema")]
+    pub use crate::contract::EventSchema;
+}
+
+/// What `#[event(..., schema)]` expands to without the `schema` feature.
+#[cfg(not(feature = "schema"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __event_schema {
+    ($ty:ident) => {
+        ::core::compile_error!(
+            "`#[event(..., schema)]` needs the `schema` feature of edupulse-events: in \
+             Cargo.toml, write `edupulse-events = { version = \"0.1\", features = [\"schema\"] }`"
+        );
+    };
 }

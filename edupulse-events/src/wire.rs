@@ -37,6 +37,10 @@ pub mod headers {
     /// The CloudEvents `datacontenttype`, always `application/json`; the NATS binding
     /// carries it as a `ce-` header like every other attribute.
     pub const DATA_CONTENT_TYPE: &str = "ce-datacontenttype";
+    /// The CloudEvents `dataschema`: the id of the payload's JSON Schema, e.g.
+    /// `urn:edupulse:lesson.published:v1`; sent when the `schema` feature is on and the
+    /// event type has a schema (`#[event(..., schema)]`).
+    pub const DATA_SCHEMA: &str = "ce-dataschema";
     /// Also `application/json`, for readers that look for the HTTP-style header.
     pub const CONTENT_TYPE: &str = "Content-Type";
     /// JetStream's de-duplication id: the event id.
@@ -87,6 +91,9 @@ impl Outbound<'_> {
         f(headers::VERSION, version)?;
         f(headers::SUBJECT, &encode_value(self.subject))?;
         f(headers::DATA_CONTENT_TYPE, "application/json")?;
+        if let Some(schema) = dataschema(self.name, self.version) {
+            f(headers::DATA_SCHEMA, &encode_value(schema))?;
+        }
         f(headers::CONTENT_TYPE, "application/json")?;
         f(headers::MSG_ID, id)?;
         let mut other = Uuid::encode_buffer();
@@ -151,6 +158,18 @@ impl Outbound<'_> {
         })?;
         Ok(map)
     }
+}
+
+/// The `dataschema` of a message: its type's schema id, where it has one.
+#[cfg(feature = "schema")]
+fn dataschema(name: &str, version: i32) -> Option<&'static str> {
+    crate::contract::dataschema(name, version)
+}
+
+/// Without the `schema` feature no type has a schema.
+#[cfg(not(feature = "schema"))]
+fn dataschema(_name: &str, _version: i32) -> Option<&'static str> {
+    None
 }
 
 /// Whether the NATS binding has a value's byte percent-encoded: a space, `"`, `%`, and
