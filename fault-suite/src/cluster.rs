@@ -319,6 +319,55 @@ impl NatsCluster {
         started.elapsed()
     }
 
+    /// Waits until the cluster is whole again after a heal: every node has routes to
+    /// every other, and `stream`'s leader sees each of its replicas current and online.
+    /// A cut started before that would leave a majority, not a minority, unreachable.
+    ///
+    /// # Panics
+    /// If that does not happen within 120 s (tests only).
+    pub async fn wait_whole(&self, stream: &str) {
+        let js = async_nats::jetstream::new(self.client().await);
+        let js = &js;
+        edupulse_events_tests::wait_for(
+            Duration::from_secs(120),
+            "the cluster to be whole again (every route back, every replica current)",
+            || async move {
+                for node in &self.nodes {
+                    let peers = http_get(node.monitor_port, "/routez")
+                        .await
+                        .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                        .and_then(|routez| routez["routes"].as_array().cloned())
+                        .map(|routes| {
+                            routes
+                                .iter()
+                                .filter_map(|route| route["remote_id"].as_str().map(str::to_owned))
+                                .collect::<std::collections::HashSet<_>>()
+                                .len()
+                        })
+                        .unwrap_or(0);
+                    if peers < NODES - 1 {
+                        return false;
+                    }
+                }
+                let Ok(mut stream) = js.get_stream(stream).await else {
+                    return false;
+                };
+                let Ok(info) = stream.info().await else {
+                    return false;
+                };
+                info.cluster.as_ref().is_some_and(|cluster| {
+                    cluster.leader.is_some()
+                        && cluster.replicas.len() == NODES - 1
+                        && cluster
+                            .replicas
+                            .iter()
+                            .all(|peer| peer.current && !peer.offline)
+                })
+            },
+        )
+        .await;
+    }
+
     /// The index of the node that leads `stream`, if one does now.
     pub async fn stream_leader(
         &self,

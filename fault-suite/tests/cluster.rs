@@ -224,6 +224,10 @@ async fn scenario(name: &'static str, binary: &str, fault: Fault) -> Report {
                     RECOVER_AFTER_PARTITION,
                 )
                 .await;
+                // The next cut only once this one has healed: cut before, the two
+                // nodes left could be one that has not rejoined and one alone, with
+                // no quorum (seen: no election in 60 s).
+                cluster.wait_whole(&stream).await;
             }
         }
         Fault::Rolling => {
