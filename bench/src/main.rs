@@ -4,7 +4,14 @@
 //! ```sh
 //! cargo run --release -p edupulse-bench            # the full run (BENCHMARKS.md)
 //! cargo run --release -p edupulse-bench -- --quick # a smaller, faster run
+//! cargo run --release -p edupulse-bench -- --cluster # relay and e2e on a local
+//!                                                   # three-node cluster, R3 streams
 //! ```
+//!
+//! `--only relay,e2e` runs the stages named. `--cluster` starts three `nats-server`
+//! processes of the newest binary found (see `edupulse_fault_suite::cluster`) and runs
+//! the relay and end-to-end stages (unless `--only` names others) against three-replica
+//! streams, the raw baselines too.
 //!
 //! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio).
 //! Nothing here fails on a timing: these are measurements, not tests.
@@ -96,10 +103,12 @@ fn main() -> std::process::ExitCode {
     } else {
         Scale::full()
     };
+    let cluster = args.iter().any(|a| a == "--cluster");
     let only: Option<String> = args
         .iter()
         .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| cluster.then(|| "relay,e2e".to_owned()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,7 +119,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(stages::run_all(scale, only)) {
+    let result = runtime.block_on(async {
+        // Kept until the stages are done; dropping it stops the servers.
+        let _cluster = if cluster {
+            Some(start_cluster().await)
+        } else {
+            None
+        };
+        stages::run_all(scale, only).await
+    });
+    match result {
         Ok(figures) => {
             print_table(&figures);
             for figure in &figures {
@@ -123,6 +141,25 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A local three-node cluster of the newest `nats-server` found, for `--cluster`.
+async fn start_cluster() -> edupulse_fault_suite::cluster::NatsCluster {
+    use edupulse_fault_suite::cluster::{
+        server_binaries, version_number, version_of, NatsCluster, NODES,
+    };
+    let binary = server_binaries()
+        .into_iter()
+        .max_by_key(|binary| version_of(binary).and_then(|v| version_number(&v)))
+        .unwrap_or_else(|| "nats-server".to_owned());
+    eprintln!(
+        "cluster: three nodes of {}",
+        version_of(&binary).unwrap_or_else(|| binary.clone())
+    );
+    let cluster = NatsCluster::start(&binary).await;
+    cluster.wait_ready().await;
+    let _ = stages::CLUSTER.set((cluster.urls(), NODES));
+    cluster
 }
 
 fn print_table(figures: &[Figure]) {

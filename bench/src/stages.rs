@@ -56,8 +56,32 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The NATS servers and the stream's replica count of a `--cluster` run (set once,
+/// before the stages run); unset, the bench uses `NATS_URL` and one replica.
+pub static CLUSTER: std::sync::OnceLock<(String, usize)> = std::sync::OnceLock::new();
+
 fn nats_url() -> String {
+    if let Some((urls, _)) = CLUSTER.get() {
+        return urls.clone();
+    }
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// The servers of [`nats_url`], which may list several, comma-separated.
+fn nats_seeds() -> Result<Vec<async_nats::ServerAddr>, Error> {
+    nats_url()
+        .split(',')
+        .map(|seed| {
+            seed.trim()
+                .parse()
+                .map_err(|e| format!("NATS URL {seed:?}: {e}").into())
+        })
+        .collect()
+}
+
+/// The replica count of every stream the bench creates.
+fn replicas() -> usize {
+    CLUSTER.get().map_or(1, |(_, replicas)| *replicas)
 }
 
 /// The bench's own database, stream and prefix; removed by `cleanup`.
@@ -119,6 +143,7 @@ impl Env {
             .stream(&self.stream)
             .source(SOURCE)
             .max_connections(20)
+            .stream_replicas(replicas())
     }
 
     async fn service(&self, notify: bool, relay: RelaySettings) -> Result<EventService, Error> {
@@ -326,7 +351,7 @@ pub async fn run_all(scale: Scale, only: Option<String>) -> Result<Vec<Figure>, 
         "connecting to NATS",
         Duration::from_secs(30),
         None,
-        async { Ok(async_nats::connect(nats_url()).await?) },
+        async { Ok(async_nats::connect(nats_seeds()?).await?) },
     )
     .await
     {
@@ -375,15 +400,19 @@ async fn run_stages(
     scale: Scale,
     only: Option<String>,
 ) -> Result<Vec<Figure>, Error> {
-    if let Some(o) = only.as_deref() {
+    for o in only.iter().flat_map(|o| o.split(',')) {
         if !["emit", "batch", "relay", "e2e", "consume", "memory"].contains(&o) {
             return Err(format!(
-                "unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory"
+                "unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory \
+                 (several with commas)"
             )
             .into());
         }
     }
-    let wants = |stage: &str| only.as_deref().is_none_or(|o| o == stage);
+    let wants = |stage: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|o| o == stage))
+    };
     let (env, js) = (&env, &js);
     let mut figures = Vec::new();
     let run_started = Instant::now();
@@ -969,6 +998,7 @@ async fn raw_pipeline_run(
         .create_stream(jetstream::stream::Config {
             name: env.stream.clone(),
             subjects: vec![format!("{}.>", env.prefix)],
+            num_replicas: replicas(),
             ..Default::default()
         })
         .await?;
@@ -1200,7 +1230,7 @@ async fn end_to_end(
 ) -> Result<Vec<Figure>, Error> {
     let e2e = env.fresh_stream("e2e");
     let (service, relay) = relayed_service(&e2e).await?;
-    let client = async_nats::connect(nats_url()).await?;
+    let client = async_nats::connect(nats_seeds()?).await?;
     let probe = Some((client, e2e.prefix.clone()));
     let ours = steady_run(&service, "e2e", 1000, scale.e2e_seconds, probe).await;
     let join = match &ours {
