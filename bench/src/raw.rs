@@ -149,3 +149,70 @@ pub async fn publish_sequential(
     }
     Ok(())
 }
+
+/// Publishes every message in atomic batches of `batch` (nats-server 2.12 and later, on
+/// a stream with `allow_atomic`): each message carries `Nats-Batch-Id` and
+/// `Nats-Batch-Sequence`, the last of a batch `Nats-Batch-Commit: 1` and a reply
+/// subject; only the commit is acknowledged, for the whole batch, which is stored at
+/// once or not at all. Up to `in_flight` batches await their commit ack at a time.
+/// `progress` is bumped per message acknowledged.
+pub async fn publish_atomic(
+    client: &async_nats::Client,
+    messages: Vec<RawMessage>,
+    batch: usize,
+    in_flight: usize,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Result<(), String> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use std::sync::atomic::Ordering;
+    let commit = |answer: Result<async_nats::Message, async_nats::RequestError>, n: usize| {
+        let answer = answer.map_err(|e| format!("batch commit: {e}"))?;
+        let ack: serde_json::Value = serde_json::from_slice(&answer.payload)
+            .map_err(|e| format!("batch commit answer: {e}"))?;
+        if ack.get("error").is_some() {
+            return Err(format!("batch refused: {ack}"));
+        }
+        progress.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    let mut pending = FuturesUnordered::new();
+    let mut messages = messages.into_iter().peekable();
+    while messages.peek().is_some() {
+        let id = Uuid::now_v7().simple().to_string();
+        let chunk: Vec<RawMessage> = messages.by_ref().take(batch).collect();
+        let n = chunk.len();
+        let mut commit_request = None;
+        for (i, mut m) in chunk.into_iter().enumerate() {
+            m.headers.insert("Nats-Batch-Id", id.as_str());
+            m.headers
+                .insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if i + 1 == n {
+                m.headers.insert("Nats-Batch-Commit", "1");
+                commit_request = Some(m);
+            } else {
+                client
+                    .publish_with_headers(m.subject, m.headers, m.payload)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if let Some(m) = commit_request {
+            let client = client.clone();
+            pending.push(async move {
+                let answer = client
+                    .request_with_headers(m.subject, m.headers, m.payload)
+                    .await;
+                (answer, n)
+            });
+        }
+        if pending.len() >= in_flight {
+            if let Some((answer, n)) = pending.next().await {
+                commit(answer, n)?;
+            }
+        }
+    }
+    while let Some((answer, n)) = pending.next().await {
+        commit(answer, n)?;
+    }
+    Ok(())
+}

@@ -401,9 +401,13 @@ async fn run_stages(
     only: Option<String>,
 ) -> Result<Vec<Figure>, Error> {
     for o in only.iter().flat_map(|o| o.split(',')) {
-        if !["emit", "batch", "relay", "e2e", "consume", "memory"].contains(&o) {
+        if ![
+            "emit", "batch", "relay", "e2e", "consume", "memory", "atomic",
+        ]
+        .contains(&o)
+        {
             return Err(format!(
-                "unknown stage {o:?}; use emit, batch, relay, e2e, consume or memory \
+                "unknown stage {o:?}; use emit, batch, relay, e2e, consume, memory or atomic \
                  (several with commas)"
             )
             .into());
@@ -440,6 +444,10 @@ async fn run_stages(
     stage!("e2e", end_to_end(env, js, scale));
     stage!("consume", consume(env, js, scale));
     stage!("memory", memory(env, scale));
+    if only.is_some() {
+        // Raw publishing only, on a server of 2.12 or later: named, never by default.
+        stage!("atomic", atomic(env, js, scale));
+    }
     eprintln!("all stages done in {:.1?}", run_started.elapsed());
     Ok(figures)
 }
@@ -671,6 +679,90 @@ fn raw_messages(prefix: &str, tag: &str, n: usize) -> Result<Vec<RawMessage>, Er
             })
         })
         .collect()
+}
+
+/// JetStream's atomic batch publish (nats-server 2.12 and later) beside the raw
+/// pipelined publish, both raw, on one stream that allows atomic batches: whether the
+/// relay would gain from sending its batches that way. Interleaved rounds, medians.
+async fn atomic(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<Figure>, Error> {
+    let client = js.client();
+    let version = client.server_info().version;
+    let at_least_2_12 = {
+        let mut parts = version
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (2, 12)
+    };
+    if !at_least_2_12 {
+        eprintln!("  [atomic] SKIPPED: nats-server {version} has no atomic batch publish (2.12+)");
+        return Ok(Vec::new());
+    }
+    let env = env.fresh_stream("atomic");
+    let create = serde_json::json!({
+        "name": env.stream,
+        "subjects": [format!("{}.>", env.prefix)],
+        "num_replicas": replicas(),
+        "allow_atomic": true,
+    });
+    let answer = client
+        .request(
+            format!("$JS.API.STREAM.CREATE.{}", env.stream),
+            create.to_string().into(),
+        )
+        .await?;
+    let created: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+    if created.get("error").is_some() {
+        return Err(format!("cannot create a stream with allow_atomic: {created}").into());
+    }
+    let n = scale.relay_events;
+    let limit = Duration::from_secs(60 + n as u64 / 500);
+    let (mut pipelined, mut one, mut eight) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..scale.relay_rounds {
+        for (label, rounds) in [
+            ("pipelined", &mut pipelined),
+            ("atomic 1", &mut one),
+            ("atomic 8", &mut eight),
+        ] {
+            let messages = raw_messages(&env.prefix, "atomic", n)?;
+            let acked = AtomicU64::new(0);
+            let started = Instant::now();
+            bounded("atomic", label, limit, Some((&acked, n as u64)), async {
+                match label {
+                    "pipelined" => raw::publish_pipelined(js, messages, &acked).await?,
+                    "atomic 1" => raw::publish_atomic(&client, messages, 1_000, 1, &acked).await?,
+                    _ => raw::publish_atomic(&client, messages, 1_000, 8, &acked).await?,
+                }
+                Ok(())
+            })
+            .await?;
+            let took = started.elapsed().as_secs_f64();
+            eprintln!("  [atomic] round {round}: {label}: {n} in {took:.2} s");
+            rounds.push(took);
+        }
+    }
+    let pipe_rate = n as f64 / median(pipelined);
+    let figure = |name: String, took: f64| {
+        let rate = n as f64 / took;
+        Figure {
+            name,
+            value: rate,
+            unit: "events/s",
+            baseline: Some(pipe_rate),
+            ratio_meaning: "atomic batch rate / raw pipelined publish rate",
+            ratio: Some(rate / pipe_rate),
+        }
+    };
+    Ok(vec![
+        figure(
+            format!("raw atomic batches of 1,000, one commit in flight ({version})"),
+            median(one),
+        ),
+        figure(
+            format!("raw atomic batches of 1,000, eight commits in flight ({version})"),
+            median(eight),
+        ),
+    ])
 }
 
 /// Drains `n` pre-filled events with a relay of these settings; returns the seconds
