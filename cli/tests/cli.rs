@@ -294,6 +294,49 @@ async fn status_names_a_failing_publish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_writer_holding_an_earlier_sequence() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    // A transaction takes sequence 1 and stays open; sequence 2 commits.
+    let mut tx = service.pool().begin().await.unwrap();
+    service
+        .emit_in(&mut tx, LessonPublished { lesson_id: 1 })
+        .await
+        .unwrap();
+    let later = service
+        .emit(LessonPublished { lesson_id: 2 })
+        .await
+        .unwrap();
+    let relay = service.start_relay().await.unwrap();
+    wait_for(WAIT, "a leader", || async {
+        !json(&env, &["status"])["leader"].is_null()
+    })
+    .await;
+    let status = json(&env, &["status"]);
+    assert_eq!(status["pending"], 1);
+    let behind = status["behind"].as_str().expect("a reason");
+    assert!(
+        behind.starts_with("a writer holds an earlier sequence"),
+        "{behind}"
+    );
+    let explained = json(&env, &["explain", &later.to_string()]);
+    assert_eq!(explained["state"], "pending");
+    assert!(
+        explained["waits_for"]
+            .as_str()
+            .is_some_and(|w| w.contains("a writer")),
+        "{explained}"
+    );
+    tx.commit().await.unwrap();
+    wait_for(WAIT, "both to be published", || async {
+        pending(&service).await == 0
+    })
+    .await;
+    assert!(json(&env, &["status"])["behind"].is_null());
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_dead_lists_and_requeue_puts_back() {
     let env = TestEnv::new().await;
     let service = env.service().await;
