@@ -6,11 +6,11 @@ use crate::error::CliError;
 use crate::queries::{self, DeadLetterRow, EventRow, Leader, Outbox};
 use edupulse_events::async_nats::jetstream::consumer;
 use edupulse_events::time::{format_description::well_known::Rfc3339, OffsetDateTime};
-use edupulse_events::{DeadReason, Requeue, Uuid};
+use edupulse_events::{headers, DeadReason, Requeue, Uuid};
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 /// Prints `value` as pretty JSON.
@@ -604,5 +604,203 @@ pub async fn migrate(ctx: &Ctx, json: bool) -> Result<(), CliError> {
         return print_json(&json!({ "migrated": true }));
     }
     println!("the edupulse schema is up to date");
+    Ok(())
+}
+
+/// How long to wait for the next message while reading the stream.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the stream from `start` (headers only) up to the messages there now: each
+/// event id (`ce-id`, else `Nats-Msg-Id`) with the stream sequences it is at.
+async fn stream_ids_since(
+    ctx: &Ctx,
+    start: OffsetDateTime,
+) -> Result<HashMap<Uuid, Vec<u64>>, CliError> {
+    let stream = ctx.stream().await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+            headers_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ctx.js_error(e))?;
+    let count = consumer.cached_info().num_pending;
+    let mut found: HashMap<Uuid, Vec<u64>> = HashMap::new();
+    if count == 0 {
+        return Ok(found);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| ctx.js_error(e))?;
+    for _ in 0..count {
+        let message = tokio::time::timeout(READ_TIMEOUT, messages.try_next())
+            .await
+            .map_err(|_| {
+                CliError::JetStream(format!(
+                    "no message from stream {} within {} s while reading it",
+                    ctx.stream_name(),
+                    READ_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| ctx.js_error(e))?;
+        let Some(message) = message else { break };
+        let sequence = message.info().map_err(|e| ctx.js_error(e))?.stream_sequence;
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_str().parse::<Uuid>().ok())
+        };
+        if let Some(id) = header(headers::ID).or_else(|| header(headers::MSG_ID)) {
+            found.entry(id).or_default().push(sequence);
+        }
+    }
+    Ok(found)
+}
+
+/// What `audit` found.
+#[derive(Debug, Default, Serialize)]
+struct Audit {
+    /// Events the outbox holds as published in the window.
+    checked: usize,
+    /// Published in the outbox, not in the stream.
+    lost: Vec<Uuid>,
+    /// In the stream more than once.
+    duplicated: Vec<Uuid>,
+    /// In the stream before an event with a lower outbox sequence.
+    out_of_order: Vec<Uuid>,
+    /// Still pending after `--stuck-after`.
+    stuck: Vec<Uuid>,
+    /// Per group that handles with `on_tx`: events it acknowledged but neither has in
+    /// its inbox nor dead-lettered.
+    inbox_missing: BTreeMap<String, Vec<Uuid>>,
+}
+
+/// `edupulse audit`.
+pub async fn audit(
+    ctx: &Ctx,
+    json: bool,
+    since: Duration,
+    stuck_after: Duration,
+) -> Result<(), CliError> {
+    let pool = ctx.pool().await?;
+    let since_secs = since.as_secs_f64();
+    let published = queries::published_since(pool, since_secs).await?;
+    let mut report = Audit {
+        checked: published.len(),
+        stuck: queries::stuck(pool, since_secs, stuck_after.as_secs_f64()).await?,
+        ..Audit::default()
+    };
+    // A minute of slack for the clocks of Postgres and NATS.
+    let start = OffsetDateTime::now_utc() - since - Duration::from_secs(60);
+    let in_stream = stream_ids_since(ctx, start).await?;
+    let mut highest = 0u64;
+    let mut sequence_of: HashMap<Uuid, u64> = HashMap::new();
+    for event in &published {
+        match in_stream.get(&event.id) {
+            None => report.lost.push(event.id),
+            Some(sequences) => {
+                if sequences.len() > 1 {
+                    report.duplicated.push(event.id);
+                }
+                let first = sequences.iter().copied().min().unwrap_or(0);
+                sequence_of.insert(event.id, first);
+                if first < highest {
+                    report.out_of_order.push(event.id);
+                } else {
+                    highest = first;
+                }
+            }
+        }
+    }
+    // The groups with an inbox: what each acknowledged must be in it (or dead-lettered).
+    let inbox = queries::inbox_since(pool, since_secs).await?;
+    let ids: Vec<Uuid> = published.iter().map(|e| e.id).collect();
+    let dead: HashSet<(String, Uuid)> = queries::dead_lettered(pool, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let held: HashSet<(String, Uuid)> = inbox.iter().cloned().collect();
+    let names: HashMap<Uuid, &str> = published.iter().map(|e| (e.id, e.name.as_str())).collect();
+    let mut handles: BTreeMap<String, HashSet<&str>> = BTreeMap::new();
+    for (group, id) in &inbox {
+        if let Some(name) = names.get(id) {
+            handles.entry(group.clone()).or_default().insert(name);
+        }
+    }
+    let stream = ctx.stream().await?;
+    for (group, handled_names) in &handles {
+        let ack_floor = match stream.consumer_info(group).await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(_) => u64::MAX,
+        };
+        let missing: Vec<Uuid> = published
+            .iter()
+            .filter(|e| handled_names.contains(e.name.as_str()))
+            .filter(|e| sequence_of.get(&e.id).is_some_and(|s| *s <= ack_floor))
+            .filter(|e| {
+                let key = (group.clone(), e.id);
+                !held.contains(&key) && !dead.contains(&key)
+            })
+            .map(|e| e.id)
+            .collect();
+        if !missing.is_empty() {
+            report.inbox_missing.insert(group.clone(), missing);
+        }
+    }
+    let missing: usize = report.inbox_missing.values().map(Vec::len).sum();
+    let problems = report.lost.len()
+        + report.duplicated.len()
+        + report.out_of_order.len()
+        + report.stuck.len()
+        + missing;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "checked {} published events of the last {}",
+            report.checked,
+            humantime::format_duration(since)
+        );
+        let list = |ids: &[Uuid]| {
+            ids.iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (what, ids) in [
+            ("lost", &report.lost),
+            ("duplicated", &report.duplicated),
+            ("out of order", &report.out_of_order),
+            ("stuck", &report.stuck),
+        ] {
+            println!(
+                "{what}: {}{}",
+                ids.len(),
+                if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", list(ids))
+                }
+            );
+        }
+        for (group, ids) in &report.inbox_missing {
+            println!(
+                "group {group}: {} acknowledged but not in its inbox ({})",
+                ids.len(),
+                list(ids)
+            );
+        }
+    }
+    if problems > 0 {
+        return Err(CliError::CheckFailed(format!(
+            "audit found {} lost, {} duplicated, {} out of order, {} stuck, {} missing from inboxes",
+            report.lost.len(),
+            report.duplicated.len(),
+            report.out_of_order.len(),
+            report.stuck.len(),
+            missing
+        )));
+    }
     Ok(())
 }

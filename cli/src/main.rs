@@ -69,6 +69,18 @@ enum Command {
     DeadLetters(DeadLettersCommand),
     /// Applies the edupulse migrations (schema edupulse) to the database.
     Migrate,
+    /// Checks the events of a window end to end: every event the outbox holds as
+    /// published is in the stream once and in order, and in the inbox of each group
+    /// that handles it with on_tx; lists lost, duplicated, out-of-order and stuck
+    /// events. Exits 1 when it finds any.
+    Audit {
+        /// The window: events emitted this long ago or since, e.g. `1h`.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        since: Duration,
+        /// A pending event older than this is stuck.
+        #[arg(long, value_parser = parse_duration, default_value = "1m")]
+        stuck_after: Duration,
+    },
 }
 
 /// `edupulse outbox ...`.
@@ -171,6 +183,9 @@ async fn run(cli: Cli) -> Result<ExitCode, (CliError, Vec<String>)> {
             commands::dead_letters_purge(&ctx, json, &group, older_than).await
         }
         Command::Migrate => commands::migrate(&ctx, json).await,
+        Command::Audit { since, stuck_after } => {
+            commands::audit(&ctx, json, since, stuck_after).await
+        }
     };
     outcome.map(|()| ExitCode::SUCCESS).map_err(|e| (e, urls))
 }

@@ -331,3 +331,84 @@ pub async fn dead_letter_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, Cli
         .collect::<Result<_, sqlx::Error>>()
         .map_err(Into::into)
 }
+
+/// An event the outbox holds as published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The event id.
+    pub id: Uuid,
+    /// The event name.
+    pub name: String,
+}
+
+/// The events emitted in the last `since_secs` seconds that the outbox holds as
+/// published, in sequence order.
+pub async fn published_since(pool: &PgPool, since_secs: f64) -> Result<Vec<Published>, CliError> {
+    let rows = sqlx::query(
+        "SELECT o.id, o.name
+         FROM edupulse.outbox AS o, edupulse.relay_progress AS p
+         WHERE (o.status = 'published' OR (o.status = 'pending' AND o.seq <= p.published_through))
+           AND o.occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1)
+         ORDER BY o.seq",
+    )
+    .bind(since_secs)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Published {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
+
+/// Pending events emitted in the last `since_secs` seconds and more than
+/// `stuck_secs` ago, in sequence order.
+pub async fn stuck(pool: &PgPool, since_secs: f64, stuck_secs: f64) -> Result<Vec<Uuid>, CliError> {
+    let ids = sqlx::query_scalar(
+        "SELECT id FROM edupulse.pending_events
+         WHERE occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1)
+           AND occurred_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+         ORDER BY seq",
+    )
+    .bind(since_secs)
+    .bind(stuck_secs)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids)
+}
+
+/// For the events emitted in the last `since_secs` seconds: which group has which in
+/// its inbox, as (group, event id).
+pub async fn inbox_since(pool: &PgPool, since_secs: f64) -> Result<Vec<(String, Uuid)>, CliError> {
+    let rows = sqlx::query(
+        "SELECT i.consumer_group, i.event_id
+         FROM edupulse.inbox AS i JOIN edupulse.outbox AS o ON o.id = i.event_id
+         WHERE o.occurred_at >= pg_catalog.now() - pg_catalog.make_interval(secs => $1)",
+    )
+    .bind(since_secs)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("consumer_group")?, row.try_get("event_id")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
+
+/// Which group dead-lettered which of `ids`, as (group, event id).
+pub async fn dead_lettered(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<(String, Uuid)>, CliError> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT consumer_group, event_id FROM edupulse.dead_letters
+         WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("consumer_group")?, row.try_get("event_id")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}

@@ -513,3 +513,98 @@ async fn explain_consumers_and_dead_letters_follow_an_event_through_the_groups()
     billing.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_finds_lost_duplicated_and_stuck_events() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let relay = service.start_relay().await.unwrap();
+    let grading = service
+        .consumer("grading")
+        .settings(fast())
+        .on_tx::<LessonPublished, _>(|_tx, _received| Box::pin(async { Ok(()) }))
+        .start()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for lesson_id in 0..3 {
+        ids.push(service.emit(LessonPublished { lesson_id }).await.unwrap());
+    }
+    wait_for(WAIT, "grading to handle all three", || async {
+        grading.handled() == 3
+    })
+    .await;
+    wait_for(WAIT, "grading to acknowledge all three", || async {
+        json(&env, &["consumers"])[0]["lag"] == 0
+    })
+    .await;
+    let report = json(&env, &["audit", "--since", "1h"]);
+    assert_eq!(report["checked"], 3);
+    for field in ["lost", "duplicated", "out_of_order", "stuck"] {
+        assert_eq!(report[field], Value::Array(vec![]), "{field}: {report}");
+    }
+    assert_eq!(report["inbox_missing"], serde_json::json!({}));
+    relay.shutdown().await.unwrap();
+
+    // A copy of the second event under another message id: JetStream keeps it.
+    let js = env.jetstream().await;
+    let mut headers = edupulse_events::async_nats::HeaderMap::new();
+    headers.insert("ce-id", ids[1].to_string().as_str());
+    headers.insert("Nats-Msg-Id", "a-copy");
+    js.publish_with_headers(
+        format!("{}.lesson.published", env.prefix),
+        headers,
+        "{}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // An event marked published that never reached the stream, and one still pending.
+    let lost = service
+        .emit(LessonPublished { lesson_id: 10 })
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE edupulse.outbox SET status = 'published', published_at = now() WHERE id = $1",
+    )
+    .bind(lost)
+    .execute(service.pool())
+    .await
+    .unwrap();
+    let stuck = service
+        .emit(LessonPublished { lesson_id: 11 })
+        .await
+        .unwrap();
+    // The inbox row of the first event disappears.
+    sqlx::query("DELETE FROM edupulse.inbox WHERE event_id = $1")
+        .bind(ids[0])
+        .execute(service.pool())
+        .await
+        .unwrap();
+
+    let output = cli(&env)
+        .args(["--json", "audit", "--since", "1h", "--stuck-after", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["checked"], 4);
+    assert_eq!(report["lost"], serde_json::json!([lost.to_string()]));
+    assert_eq!(
+        report["duplicated"],
+        serde_json::json!([ids[1].to_string()])
+    );
+    assert_eq!(report["out_of_order"], Value::Array(vec![]));
+    assert_eq!(report["stuck"], serde_json::json!([stuck.to_string()]));
+    assert_eq!(
+        report["inbox_missing"],
+        serde_json::json!({ "grading": [ids[0].to_string()] })
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("audit found 1 lost, 1 duplicated"),
+        "{stderr}"
+    );
+    grading.shutdown().await.unwrap();
+}
