@@ -182,6 +182,9 @@ pub async fn status(
     Ok(())
 }
 
+/// How many messages `explain` reads, from the event's time on, to find it.
+const SCAN_LIMIT: u64 = 100_000;
+
 /// What one group did with an event.
 #[derive(Debug, Serialize)]
 struct GroupFate {
@@ -212,29 +215,39 @@ pub async fn explain(ctx: &Ctx, json: bool, id: Uuid) -> Result<(), CliError> {
     };
     // The stream: the event's sequence when findable, and the groups' consumers.
     let mut stream_error = None;
-    let mut stream_sequence: Option<u64> = dead_letters
-        .first()
-        .and_then(|d| u64::try_from(d.stream_sequence).ok());
+    let mut stream_sequence: Option<u64> = None;
     let mut stream_time = None;
+    let mut in_outbox_secs = row.as_ref().and_then(|r| r.outbox_secs);
     let mut consumers: Vec<consumer::Info> = Vec::new();
     match ctx.stream().await {
         Ok(stream) => {
-            if let (None, Some(row)) = (stream_sequence, &row) {
-                if let Ok(last) = stream
-                    .get_last_raw_message_by_subject(&ctx.full_subject(&row.subject))
-                    .await
-                {
-                    let msg_id = last.headers.get("Nats-Msg-Id").map(|v| v.as_str());
-                    if msg_id == Some(id.to_string().as_str()) {
-                        stream_sequence = Some(last.sequence);
-                        stream_time = rfc3339(last.time);
+            if let Some(row) = row.as_ref().filter(|r| r.state == "published") {
+                // From a minute before it was emitted (clock skew), until found.
+                let emitted =
+                    OffsetDateTime::from_unix_timestamp_nanos((row.occurred_epoch * 1e9) as i128)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                let start = emitted - Duration::from_secs(60);
+                let scanned = scan_stream(ctx, start, SCAN_LIMIT, |found, sequence, time| {
+                    if found == id {
+                        stream_sequence = Some(sequence);
+                        stream_time = Some(time);
+                        return false;
                     }
+                    true
+                })
+                .await;
+                if let Err(error) = scanned {
+                    stream_error = Some(error.to_string());
+                }
+                if let (None, Some(time)) = (in_outbox_secs, stream_time) {
+                    in_outbox_secs = Some(((time - emitted).as_seconds_f64()).max(0.0));
                 }
             }
             let mut list = stream.consumers();
             loop {
                 match list.try_next().await {
-                    Ok(Some(info)) => consumers.push(info),
+                    Ok(Some(info)) if info.config.durable_name.is_some() => consumers.push(info),
+                    Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(error) => {
                         stream_error = Some(ctx.js_error(error).to_string());
@@ -305,6 +318,13 @@ pub async fn explain(ctx: &Ctx, json: bool, id: Uuid) -> Result<(), CliError> {
         );
     }
     let groups: Vec<GroupFate> = groups.into_values().collect();
+    // A dead letter records the stream sequence too.
+    let stream_sequence = stream_sequence.or_else(|| {
+        dead_letters
+            .first()
+            .and_then(|d| u64::try_from(d.stream_sequence).ok())
+    });
+    let stream_time = stream_time.and_then(rfc3339);
     if json {
         return print_json(&json!({
             "id": id,
@@ -313,6 +333,7 @@ pub async fn explain(ctx: &Ctx, json: bool, id: Uuid) -> Result<(), CliError> {
             "waits_for": waits_for,
             "stream_sequence": stream_sequence,
             "stream_time": stream_time,
+            "outbox_secs": in_outbox_secs,
             "stream_error": stream_error,
             "groups": groups,
             "dead_letters": dead_letters,
@@ -350,7 +371,7 @@ pub async fn explain(ctx: &Ctx, json: bool, id: Uuid) -> Result<(), CliError> {
                     if let Some(at) = at {
                         print!(" at {at}");
                     }
-                    if let Some(secs) = row.outbox_secs {
+                    if let Some(secs) = in_outbox_secs {
                         print!(", after {secs:.3} s in the outbox");
                     }
                     println!();
@@ -469,6 +490,10 @@ pub async fn consumers(ctx: &Ctx, json: bool) -> Result<(), CliError> {
     let mut rows: BTreeMap<String, GroupRow> = BTreeMap::new();
     let mut list = stream.consumers();
     while let Some(info) = list.try_next().await.map_err(|e| ctx.js_error(e))? {
+        // A group is a durable consumer; ephemeral ones (readers like `audit`) are not.
+        if info.config.durable_name.is_none() {
+            continue;
+        }
         let lag = info.num_pending + info.num_ack_pending as u64;
         let lag_secs = if lag > 0 {
             stream
@@ -610,12 +635,15 @@ pub async fn migrate(ctx: &Ctx, json: bool) -> Result<(), CliError> {
 /// How long to wait for the next message while reading the stream.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads the stream from `start` (headers only) up to the messages there now: each
-/// event id (`ce-id`, else `Nats-Msg-Id`) with the stream sequences it is at.
-async fn stream_ids_since(
+/// Reads the stream from `start` (headers only), at most `max` messages and no further
+/// than the messages there now, handing `visit` each event id (`ce-id`, else
+/// `Nats-Msg-Id`), stream sequence and time until it returns false.
+async fn scan_stream(
     ctx: &Ctx,
     start: OffsetDateTime,
-) -> Result<HashMap<Uuid, Vec<u64>>, CliError> {
+    max: u64,
+    mut visit: impl FnMut(Uuid, u64, OffsetDateTime) -> bool,
+) -> Result<(), CliError> {
     let stream = ctx.stream().await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -625,10 +653,23 @@ async fn stream_ids_since(
         })
         .await
         .map_err(|e| ctx.js_error(e))?;
-    let count = consumer.cached_info().num_pending;
-    let mut found: HashMap<Uuid, Vec<u64>> = HashMap::new();
+    let name = consumer.cached_info().name.clone();
+    let count = consumer.cached_info().num_pending.min(max);
+    let read = read_messages(ctx, consumer, count, &mut visit).await;
+    // Ephemeral, it would go by itself after a while; gone now, no one lists it.
+    let _ = stream.delete_consumer(&name).await;
+    read
+}
+
+/// Reads `count` messages of an ordered consumer, for [`scan_stream`].
+async fn read_messages(
+    ctx: &Ctx,
+    consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+    count: u64,
+    visit: &mut impl FnMut(Uuid, u64, OffsetDateTime) -> bool,
+) -> Result<(), CliError> {
     if count == 0 {
-        return Ok(found);
+        return Ok(());
     }
     let mut messages = consumer.messages().await.map_err(|e| ctx.js_error(e))?;
     for _ in 0..count {
@@ -643,7 +684,8 @@ async fn stream_ids_since(
             })?
             .map_err(|e| ctx.js_error(e))?;
         let Some(message) = message else { break };
-        let sequence = message.info().map_err(|e| ctx.js_error(e))?.stream_sequence;
+        let info = message.info().map_err(|e| ctx.js_error(e))?;
+        let (sequence, published) = (info.stream_sequence, info.published);
         let header = |name: &str| {
             message
                 .headers
@@ -652,9 +694,25 @@ async fn stream_ids_since(
                 .and_then(|v| v.as_str().parse::<Uuid>().ok())
         };
         if let Some(id) = header(headers::ID).or_else(|| header(headers::MSG_ID)) {
-            found.entry(id).or_default().push(sequence);
+            if !visit(id, sequence, published) {
+                break;
+            }
         }
     }
+    Ok(())
+}
+
+/// Every event id in the stream from `start` on, with the stream sequences it is at.
+async fn stream_ids_since(
+    ctx: &Ctx,
+    start: OffsetDateTime,
+) -> Result<HashMap<Uuid, Vec<u64>>, CliError> {
+    let mut found: HashMap<Uuid, Vec<u64>> = HashMap::new();
+    scan_stream(ctx, start, u64::MAX, |id, sequence, _| {
+        found.entry(id).or_default().push(sequence);
+        true
+    })
+    .await?;
     Ok(found)
 }
 

@@ -128,9 +128,4 @@ impl Ctx {
     pub fn js_error(&self, error: impl std::fmt::Display) -> CliError {
         CliError::JetStream(scrub(&error.to_string(), &[&self.nats_url]))
     }
-
-    /// The full subject of a relative one.
-    pub fn full_subject(&self, subject: &str) -> String {
-        format!("{}.{subject}", self.config.subject_prefix())
-    }
 }

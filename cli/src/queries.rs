@@ -190,6 +190,9 @@ pub struct EventRow {
     pub outbox_secs: Option<f64>,
     /// Pending events before it.
     pub pending_before: i64,
+    /// When it was emitted, in seconds since the Unix epoch.
+    #[serde(skip)]
+    pub occurred_epoch: f64,
 }
 
 /// One event's row, if the outbox holds it.
@@ -208,7 +211,8 @@ pub async fn event(pool: &PgPool, id: Uuid) -> Result<Option<EventRow>, CliError
         " AS published_at,
                 extract(epoch FROM (o.published_at - o.occurred_at))::float8 AS outbox_secs,
                 (SELECT count(*) FROM edupulse.pending_events AS e WHERE e.seq < o.seq)
-                    AS pending_before
+                    AS pending_before,
+                extract(epoch FROM o.occurred_at)::float8 AS occurred_epoch
          FROM edupulse.outbox AS o, edupulse.relay_progress AS p
          WHERE o.id = $1"
     );
@@ -227,6 +231,7 @@ pub async fn event(pool: &PgPool, id: Uuid) -> Result<Option<EventRow>, CliError
             published_at: row.try_get("published_at")?,
             outbox_secs: row.try_get("outbox_secs")?,
             pending_before: row.try_get("pending_before")?,
+            occurred_epoch: row.try_get("occurred_epoch")?,
         })
     })
     .transpose()

@@ -544,6 +544,19 @@ async fn audit_finds_lost_duplicated_and_stuck_events() {
         assert_eq!(report[field], Value::Array(vec![]), "{field}: {report}");
     }
     assert_eq!(report["inbox_missing"], serde_json::json!({}));
+    // Not the last on its subject: explain finds it by reading the stream.
+    let explained = json(&env, &["explain", &ids[0].to_string()]);
+    assert_eq!(explained["state"], "published");
+    assert_eq!(explained["stream_sequence"], 1);
+    assert!(explained["stream_time"].as_str().is_some(), "{explained}");
+    assert!(
+        explained["outbox_secs"].as_f64().is_some_and(|s| s >= 0.0),
+        "{explained}"
+    );
+    assert_eq!(explained["groups"][0]["group"], "grading");
+    assert_eq!(explained["groups"][0]["state"], "handled");
+    let explained = json(&env, &["explain", &ids[2].to_string()]);
+    assert_eq!(explained["stream_sequence"], 3);
     relay.shutdown().await.unwrap();
 
     // A copy of the second event under another message id: JetStream keeps it.
