@@ -509,7 +509,41 @@ async fn explain_consumers_and_dead_letters_follow_an_event_through_the_groups()
         Value::Array(vec![])
     );
 
+    // A group that is down falls behind: lag in events and in time; explain says the
+    // event has not reached it.
     grading.shutdown().await.unwrap();
+    let later = service
+        .emit(LessonPublished { lesson_id: 8 })
+        .await
+        .unwrap();
+    wait_for(WAIT, "the relay to publish it", || async {
+        service.outbox_status().await.unwrap().pending == 0
+    })
+    .await;
+    let groups = json(&env, &["consumers"]);
+    let grading_row = groups
+        .as_array()
+        .and_then(|list| list.iter().find(|g| g["group"] == "grading"))
+        .expect("grading is listed")
+        .clone();
+    assert_eq!(grading_row["lag"], 1, "{grading_row}");
+    assert!(
+        grading_row["lag_secs"].as_f64().is_some_and(|s| s >= 0.0),
+        "{grading_row}"
+    );
+    let explained = json(&env, &["explain", &later.to_string()]);
+    assert_eq!(explained["stream_sequence"], 2);
+    let groups = explained["groups"].as_array().expect("groups");
+    let grading_fate = groups
+        .iter()
+        .find(|g| g["group"] == "grading")
+        .expect("grading");
+    // Not delivered, or delivered to a pull request left open when it stopped, but
+    // not handled.
+    assert!(
+        grading_fate["state"] == "not_delivered" || grading_fate["state"] == "delivered",
+        "{explained}"
+    );
     billing.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
