@@ -131,7 +131,7 @@ pub async fn status(
             Some(l) => println!(
                 "relay:     led by pid {} on {} ({}), since {}",
                 l.pid,
-                l.host,
+                l.host.as_deref().unwrap_or("an unknown host"),
                 l.application_name,
                 l.since.as_deref().unwrap_or("?")
             ),
@@ -261,9 +261,13 @@ pub async fn explain(ctx: &Ctx, json: bool, id: Uuid) -> Result<(), CliError> {
     let mut groups: BTreeMap<String, GroupFate> = BTreeMap::new();
     for info in &consumers {
         let (state, detail) = match stream_sequence {
-            _ if outbox_state == "pending" || outbox_state == "dead" => (
+            _ if outbox_state == "pending" => (
                 "waits_for_publication",
                 "not in the stream yet".to_owned(),
+            ),
+            _ if outbox_state == "dead" => (
+                "waits_for_publication",
+                "not in the stream: the event is dead in the outbox".to_owned(),
             ),
             Some(seq) if info.ack_floor.stream_sequence >= seq => (
                 "acknowledged",

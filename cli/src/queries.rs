@@ -26,18 +26,21 @@ macro_rules! rfc3339 {
 pub struct Leader {
     /// Its backend's process id.
     pub pid: i32,
-    /// The client's address (`local` for a Unix socket).
-    pub host: String,
+    /// The client's address (`local` for a Unix socket); `None` when this role may
+    /// not see it (it needs `pg_read_all_stats`, e.g. through `pg_monitor`).
+    pub host: Option<String>,
     /// Its `application_name` (the service's source).
     pub application_name: String,
-    /// When its session started (it has led at most since then).
+    /// When its session started (it has led at most since then); `None` when this
+    /// role may not see it.
     pub since: Option<String>,
 }
 
 /// Who leads the relay, if anyone.
 pub async fn leader(pool: &PgPool) -> Result<Option<Leader>, CliError> {
     let sql = concat!(
-        "SELECT a.pid, coalesce(host(a.client_addr), 'local') AS host,
+        "SELECT a.pid,
+                CASE WHEN a.client_port = -1 THEN 'local' ELSE host(a.client_addr) END AS host,
                 coalesce(a.application_name, '') AS application_name, ",
         rfc3339!("a.backend_start"),
         " AS since

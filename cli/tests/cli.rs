@@ -254,6 +254,7 @@ async fn status_shows_why_the_relay_is_behind_and_check_exits_1() {
     assert!(status["published_through"].as_i64().is_some_and(|p| p >= 2));
     let leader = &status["leader"];
     assert_eq!(leader["application_name"], "edupulse-tests");
+    assert_eq!(leader["host"], "127.0.0.1");
     assert!(leader["pid"].as_i64().is_some_and(|pid| pid > 0));
     assert!(leader["since"].as_str().is_some());
     assert_eq!(run(&env, &["status", "--check", "--max-age", "30s"]).0, 0);
