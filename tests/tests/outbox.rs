@@ -762,3 +762,41 @@ async fn numbers_that_print_larger_as_jsonb_are_measured_as_printed() {
         .expect("fits");
     assert_eq!(outbox_rows(&mut conn).await, 1);
 }
+
+#[tokio::test]
+async fn purge_dead_letters_deletes_only_the_groups_older_records() {
+    let env = TestEnv::new().await;
+    let service = env.service().await;
+    let insert = "INSERT INTO edupulse.dead_letters
+        (consumer_group, reason, error, subject, stream_sequence, deliveries, headers,
+         payload, created_at)
+        VALUES ($1, 'handler_failed', 'boom', 'x.y', $2, 1, '{}', '\\x00',
+                now() - make_interval(days => $3))";
+    for (group, sequence, days) in [
+        ("grading", 1_i64, 40),
+        ("grading", 2, 1),
+        ("billing", 3, 40),
+    ] {
+        sqlx::query(insert)
+            .bind(group)
+            .bind(sequence)
+            .bind(days)
+            .execute(service.pool())
+            .await
+            .unwrap();
+    }
+    let emitter =
+        edupulse_events::Emitter::from_pool(service.pool().clone(), service.config().clone());
+    let purged = emitter
+        .purge_dead_letters("grading", Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    let left: Vec<i64> = sqlx::query_scalar(
+        "SELECT stream_sequence FROM edupulse.dead_letters ORDER BY stream_sequence",
+    )
+    .fetch_all(service.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, [2, 3], "grading's recent one and billing's stay");
+}

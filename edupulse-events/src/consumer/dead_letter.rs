@@ -37,6 +37,14 @@ const LIST_DEAD_LETTERS: &str = formatcp!(
      FROM {DEAD_LETTERS} WHERE consumer_group = $1 ORDER BY id LIMIT $2"
 );
 
+/// Deletes a group's dead letters recorded before a point in time (see
+/// [`Emitter::purge_dead_letters`]).
+const PURGE_DEAD_LETTERS: &str = formatcp!(
+    "DELETE FROM {DEAD_LETTERS}
+     WHERE consumer_group = $1
+       AND created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)"
+);
+
 /// Why a message went to the dead-letter table, as [`DeadLetter::reason`] says.
 ///
 /// Stored in the table as text ([`DeadReason::as_str`]); new reasons may be added, so
@@ -455,6 +463,29 @@ impl EventService {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+}
+
+impl crate::Emitter {
+    /// Deletes the dead letters of `group` recorded more than `older_than` ago;
+    /// returns how many. Needs Postgres only (the `edupulse dead-letters purge`
+    /// command uses it); the messages themselves stay in the stream until its limits
+    /// remove them.
+    ///
+    /// # Errors
+    /// [`OutboxError`](crate::OutboxError): `NotMigrated` before
+    /// [`migrate`](crate::Emitter::migrate), else the Postgres error.
+    pub async fn purge_dead_letters(
+        &self,
+        group: &str,
+        older_than: std::time::Duration,
+    ) -> Result<u64, crate::OutboxError> {
+        let result = sqlx::query(PURGE_DEAD_LETTERS)
+            .bind(group)
+            .bind(older_than.as_secs_f64())
+            .execute(&self.inner.pool)
+            .await?;
+        Ok(result.rows_affected())
     }
 }
 
