@@ -6,9 +6,9 @@ use edupulse_events::sqlx::{self, postgres::PgPool, Row};
 use edupulse_events::Uuid;
 use serde::Serialize;
 
-/// The relay's advisory lock key, `LEADER_LOCK` in the library's `relay/election.rs`
-/// ("edupulse" in ASCII), split as `pg_locks` shows a bigint key: high and low 32 bits.
-const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
+/// The relay's advisory lock key, split as `pg_locks` shows a bigint key: high and low
+/// 32 bits.
+const LEADER_LOCK: i64 = edupulse_events::RELAY_LEADER_LOCK;
 
 /// A timestamp as RFC 3339 text, UTC.
 macro_rules! rfc3339 {

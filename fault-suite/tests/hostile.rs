@@ -110,12 +110,20 @@ async fn s10_poison_messages_in_the_middle_of_a_subject() {
     poison_scenario("s10-poison", 1).await;
 }
 
-/// Scenario 10 with all three kinds of poison in turn. Ignored until its bug is found:
-/// in one run of two it ended with one event lost (never handled, while JetStream
-/// reported the group with nothing pending or unacked), around the instance's rebirth
-/// after the client died on a lone carriage return.
+/// Scenario 10 with all three kinds of poison in turn. Ignored: under a poison storm it
+/// can dead-letter healthy events. Each message whose headers the client cannot parse
+/// drops the consumer's connection when it arrives (a lone carriage return even kills
+/// the client); every healthy event then in flight (held by the gate while catching up,
+/// or in a lane) comes back after `ack_wait`, one delivery more. A new poison message
+/// every 0.2-0.6 s keeps the instance catching up, so the same healthy events stay in
+/// flight through many deaths, and past `max_redeliveries` (20) JetStream gives them up
+/// and the advisory records them as `undeliverable`. Seen in 1 run of 14 on a loaded
+/// machine: 194 events lost that way (209 dead letters for 32 poison messages); the
+/// other 13 were clean. Open in issue 12: deaths must not count against the events
+/// around the poison (e.g. take nothing else in flight while a poison message the
+/// look-ahead scan has seen is next).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "one event lost in one run of two: see the doc comment"]
+#[ignore = "a poison storm can dead-letter healthy events: see the doc comment"]
 async fn s10_strict_poison_no_client_can_parse() {
     poison_scenario("s10-poison-strict", 3).await;
 }

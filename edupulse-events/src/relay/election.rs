@@ -14,8 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The advisory lock key the leader holds: "edupulse" in ASCII.
-const LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
+/// The Postgres advisory lock (a session-level `pg_advisory_lock` of one `bigint` key)
+/// that the leading relay holds while it leads: "edupulse" in ASCII. Monitoring finds the
+/// leader's session with it in `pg_locks` (`locktype = 'advisory'`, `classid` the high
+/// and `objid` the low 32 bits), as `edupulse status` does.
+pub const RELAY_LEADER_LOCK: i64 = 0x6564_7570_756c_7365;
+
+/// The key the leader locks.
+const LEADER_LOCK: i64 = RELAY_LEADER_LOCK;
 
 const TRY_LOCK: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
 const UNLOCK: &str = "SELECT pg_catalog.pg_advisory_unlock($1)";

@@ -21,6 +21,7 @@ mod read;
 mod settings;
 mod wake;
 
+pub use election::RELAY_LEADER_LOCK;
 pub use settings::RelaySettings;
 
 use crate::service::EventService;
