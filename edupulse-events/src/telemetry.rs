@@ -315,3 +315,92 @@ impl ConsumerMetrics {
         self.lag.set(pending as f64);
     }
 }
+
+/// Makes the W3C `traceparent` an event carried the parent of `span` (the handler's),
+/// with the `opentelemetry` feature and `tracing-opentelemetry`'s layer installed;
+/// nothing otherwise, or when the header is missing or malformed.
+#[allow(unused_variables)]
+pub(crate) fn adopt_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    #[cfg(feature = "opentelemetry")]
+    if let Some(parent) = traceparent.and_then(otel::remote_context) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        // Fails only when no OpenTelemetry layer records the span: nothing to link.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The current span's trace context as a W3C `traceparent`, for an emit given none:
+/// with the `opentelemetry` feature and a valid OpenTelemetry context only.
+pub(crate) fn current_traceparent() -> Option<String> {
+    #[cfg(feature = "opentelemetry")]
+    return otel::current();
+    #[cfg(not(feature = "opentelemetry"))]
+    None
+}
+
+#[cfg(feature = "opentelemetry")]
+mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry::Context;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// The remote context a `traceparent` names (`00-{trace}-{span}-{flags}`).
+    pub fn remote_context(traceparent: &str) -> Option<Context> {
+        if !crate::wire::valid_traceparent(traceparent) {
+            return None;
+        }
+        let mut parts = traceparent.split('-').skip(1);
+        let trace_id = TraceId::from_hex(parts.next()?).ok()?;
+        let span_id = SpanId::from_hex(parts.next()?).ok()?;
+        let flags = TraceFlags::new(u8::from_str_radix(parts.next()?, 16).ok()?);
+        let remote = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
+        remote
+            .is_valid()
+            .then(|| Context::new().with_remote_span_context(remote))
+    }
+
+    /// The current span's context, as a `traceparent`.
+    pub fn current() -> Option<String> {
+        let context = tracing::Span::current().context();
+        let span = context.span();
+        let span_context = span.span_context();
+        span_context.is_valid().then(|| {
+            format!(
+                "00-{:032x}-{:016x}-{:02x}",
+                span_context.trace_id(),
+                span_context.span_id(),
+                span_context.trace_flags().to_u8()
+            )
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_traceparent_becomes_a_remote_parent() {
+            let context = remote_context("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+                .expect("a valid traceparent");
+            let span = context.span();
+            let parent = span.span_context();
+            assert!(parent.is_remote());
+            assert_eq!(
+                format!("{:032x}", parent.trace_id()),
+                "0af7651916cd43dd8448eb211c80319c"
+            );
+            assert_eq!(format!("{:016x}", parent.span_id()), "b7ad6b7169203331");
+            assert!(parent.is_sampled());
+            for bad in [
+                "",
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+                "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            ] {
+                assert!(remote_context(bad).is_none(), "{bad:?}");
+            }
+        }
+    }
+}

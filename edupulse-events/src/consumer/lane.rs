@@ -166,6 +166,11 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                 attempt: delivered.count,
                 outages: 0,
             };
+            let traceparent = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::wire::headers::TRACEPARENT));
+            crate::telemetry::adopt_traceparent(&delivery.span, traceparent.map(|v| v.as_str()));
             delivery.run().await;
         }
     }
