@@ -70,6 +70,7 @@ mod relay;
 mod service;
 mod subject;
 mod support;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod wire;

@@ -11,6 +11,7 @@ use super::route::{any_overlap, unbox, Call, PlainCall, Route, Routes, TxCall};
 use super::settings::ConsumerSettings;
 use super::{ConsumerError, ConsumerHandle};
 use crate::service::{EventService, Inner};
+use crate::telemetry::ConsumerMetrics;
 use crate::DomainEvent;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use futures::future::BoxFuture;
@@ -191,13 +192,14 @@ impl ConsumerBuilder {
         let ctx = Arc::new(Ctx {
             inner,
             group: group.clone(),
-            routes,
             settings,
             stats: stats.clone(),
             #[cfg(feature = "test-hooks")]
             crash: tokio::sync::Notify::new(),
             queued: Mutex::new(BTreeSet::new()),
             failure: Arc::new(tokio::sync::watch::Sender::new(None)),
+            metrics: Arc::new(ConsumerMetrics::new(&group, routes.names())),
+            routes,
             nats,
         });
         let instance = Instance::start(ctx, consumer).await?;

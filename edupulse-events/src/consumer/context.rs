@@ -84,6 +84,8 @@ pub(super) struct Ctx {
     pub failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
     /// The group's own NATS connection: pulls, acks and progress.
     pub nats: async_nats::Client,
+    /// The group's metric handles.
+    pub metrics: Arc<crate::telemetry::ConsumerMetrics>,
 }
 
 impl Ctx {
@@ -101,6 +103,7 @@ impl Ctx {
             queued: Mutex::new(BTreeSet::new()),
             failure: self.failure.clone(),
             nats,
+            metrics: self.metrics.clone(),
         }
     }
 

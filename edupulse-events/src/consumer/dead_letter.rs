@@ -167,6 +167,7 @@ pub(super) async fn dead_letter(
         let error = match write(ctx, message, &record, &readable, &raw).await {
             Ok(()) => {
                 ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                ctx.metrics.dead_letter(record.reason.as_str());
                 tracing::error!(
                     group = %ctx.group, reason = record.reason.as_str(), subject = %message.subject,
                     error = %record.why, "message moved to the dead-letter table"

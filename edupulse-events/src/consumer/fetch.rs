@@ -163,6 +163,7 @@ impl Fetcher {
         let info = match self.consumer.get_info().await {
             Ok(info) => {
                 self.mover.ok();
+                self.ctx.metrics.lag(info.num_pending);
                 Some(info)
             }
             Err(error) => {
@@ -314,6 +315,9 @@ impl Fetcher {
 
     /// Passes a received message through the gate to its lane.
     fn on_message(&mut self, message: Message) -> ControlFlow<()> {
+        if let Ok(info) = message.info() {
+            self.ctx.metrics.lag(info.pending);
+        }
         match self.gate.admit(message) {
             Some(message) => self.dispatch(message),
             None => ControlFlow::Continue(()),

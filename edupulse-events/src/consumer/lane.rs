@@ -9,6 +9,7 @@ use super::handle::{handle, panic_message, Outcome};
 use super::route::Route;
 use crate::causation::Cause;
 use crate::support::retry::{backoff, progress_period, sleep_or_stop};
+use crate::telemetry::HandledAs;
 use async_nats::jetstream::{AckKind, Message};
 use std::any::Any;
 use std::future::Future;
@@ -150,12 +151,26 @@ async fn process(ctx: &Ctx, message: &Message, stop: &mut watch::Receiver<bool>)
                 message,
                 stop,
                 route,
-                span: tracing::debug_span!("edupulse.handle", event = route.name, id = %envelope.id),
+                span: tracing::debug_span!(
+                    "edupulse.handle",
+                    messaging.system = "nats",
+                    messaging.operation.type = "process",
+                    messaging.destination.name = %message.subject,
+                    messaging.message.id = %envelope.id,
+                    messaging.consumer.group.name = %ctx.group,
+                    event = route.name,
+                    id = %envelope.id
+                ),
                 envelope,
                 sequence: delivered.sequence,
                 attempt: delivered.count,
                 outages: 0,
             };
+            let traceparent = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::wire::headers::TRACEPARENT));
+            crate::telemetry::adopt_traceparent(&delivery.span, traceparent.map(|v| v.as_str()));
             delivery.run().await;
         }
     }
@@ -202,6 +217,19 @@ enum Step {
 }
 
 impl Outcome {
+    /// The outcome as the metrics count it (not a simulated crash).
+    fn handled_as(&self) -> Option<HandledAs> {
+        match self {
+            Outcome::Handled => Some(HandledAs::Handled),
+            Outcome::Duplicate => Some(HandledAs::Duplicate),
+            Outcome::Failed(_) => Some(HandledAs::Failed),
+            Outcome::Panicked(_) => Some(HandledAs::Panicked),
+            Outcome::Unavailable(_) => Some(HandledAs::Unavailable),
+            #[cfg(feature = "test-hooks")]
+            Outcome::Crashed => None,
+        }
+    }
+
     /// What follows this outcome of delivery `attempt`, of at most `max_deliveries`.
     fn step(self, attempt: u32, max_deliveries: u32) -> Step {
         match self {
@@ -225,7 +253,16 @@ impl Delivery<'_> {
     async fn run(mut self) {
         loop {
             let outcome = match self.decode() {
-                Decoded::Event(event) => self.try_once(event).await,
+                Decoded::Event(event) => {
+                    let started = Instant::now();
+                    let outcome = self.try_once(event).await;
+                    if let Some(as_) = outcome.handled_as() {
+                        self.ctx
+                            .metrics
+                            .handled(self.route.name, as_, started.elapsed());
+                    }
+                    outcome
+                }
                 Decoded::Panicked(why) => Outcome::Panicked(why),
                 Decoded::Refused(why) => {
                     self.give_up(DeadReason::Undecodable, &why).await;

@@ -135,6 +135,11 @@ impl Routes {
         self.by_name.get(name)
     }
 
+    /// The names of the events routed.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.by_name.keys().copied()
+    }
+
     /// The subject filters, relative to the prefix, sorted, each once.
     pub fn filters(&self) -> &[String] {
         &self.filters

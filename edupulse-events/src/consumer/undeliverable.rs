@@ -227,6 +227,7 @@ async fn record(ctx: &Ctx, sequence: u64, deliveries: u64, why: &str, raw: &Raw)
         match insert(ctx, &row).await {
             Ok(()) => {
                 ctx.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                ctx.metrics.dead_letter(DeadReason::Undeliverable.as_str());
                 tracing::error!(
                     group = %ctx.group, subject = %subject, sequence = sequence,
                     "an undeliverable message moved to the dead-letter table"

@@ -241,7 +241,15 @@ impl Emitter {
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
         let prepared = self.prepare(event.into())?;
-        let span = tracing::debug_span!("edupulse.emit", event = E::NAME, id = %prepared.id);
+        let span = tracing::debug_span!(
+            "edupulse.emit",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = %format_args!("{}.{}", self.inner.config.subject_prefix, prepared.subject),
+            messaging.message.id = %prepared.id,
+            event = E::NAME,
+            id = %prepared.id
+        );
         async {
             let sql = if self.inner.config.notify {
                 INSERT_ONE_NOTIFY
@@ -314,8 +322,14 @@ impl Emitter {
             .into_iter()
             .map(|event| self.prepare(event.into()))
             .collect::<Result<_, _>>()?;
-        let span =
-            tracing::debug_span!("edupulse.emit_all", event = E::NAME, count = prepared.len());
+        let span = tracing::debug_span!(
+            "edupulse.emit_all",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.batch.message_count = prepared.len(),
+            event = E::NAME,
+            count = prepared.len()
+        );
         async {
             if prepared.is_empty() {
                 return Ok(Vec::new());

@@ -167,7 +167,9 @@ impl Emitter {
             payload,
             correlation_id,
             causation_id,
-            traceparent: outgoing.traceparent,
+            traceparent: outgoing
+                .traceparent
+                .or_else(crate::telemetry::current_traceparent),
             occurred_at,
             body_limit,
         })

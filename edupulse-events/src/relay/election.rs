@@ -113,6 +113,8 @@ impl Election {
     async fn lead(&mut self, mut conn: PgConnection) -> Round {
         let settings = &self.inner.config.relay;
         self.state.leader.store(true, Ordering::SeqCst);
+        let leading =
+            crate::telemetry::Leading::start(self.inner.pool.clone(), settings.statement_timeout);
         tracing::info!("relay leads");
         let outcome = lead(
             &self.inner,
@@ -122,6 +124,7 @@ impl Election {
             &mut self.mover,
         )
         .await;
+        drop(leading);
         self.state.leader.store(false, Ordering::SeqCst);
         match outcome {
             Ok(Led::Stopped) => {

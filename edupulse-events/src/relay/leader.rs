@@ -5,7 +5,7 @@
 use super::fence::Fence;
 use super::mark::{self, Marker};
 use super::prune::Pruner;
-use super::publish::{publish, publish_one_by_one, read_tail, Suspect, Tail, TailRead};
+use super::publish::{publish, publish_one_by_one, read_tail, Failure, Suspect, Tail, TailRead};
 use super::read::{self, OutboxRow};
 use super::wake::{Wake, BUSY_BATCH};
 use super::RelayState;
@@ -181,6 +181,10 @@ impl Leader<'_> {
         }
         let span = tracing::debug_span!(
             "edupulse.relay.batch",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %self.inner.config.stream,
+            messaging.batch.message_count = batch.len(),
             size = batch.len(),
             first_seq = batch[0].seq,
             last_seq = batch[batch.len() - 1].seq
@@ -263,6 +267,7 @@ impl Leader<'_> {
         mut batch: Vec<OutboxRow>,
         span: tracing::Span,
     ) -> Result<Step, sqlx::Error> {
+        let started = Instant::now();
         let publishing = publish_one_by_one(self.inner, &mut batch, &self.state.sent);
         let (outcome, foreign) = publishing.instrument(span.clone()).await;
         self.state.batches.fetch_add(1, Ordering::SeqCst);
@@ -273,6 +278,7 @@ impl Leader<'_> {
         if foreign > 0 {
             self.other_publisher(foreign).await?;
         }
+        record_batch(&batch, &outcome, started);
         let marked = self.mark(&batch, outcome).instrument(span).await?;
         // Others may publish after ours: the next chain starts from what the stream holds.
         self.tail = None;
@@ -374,6 +380,7 @@ impl Leader<'_> {
         tail: Tail,
         span: tracing::Span,
     ) -> Result<Step, sqlx::Error> {
+        let started = Instant::now();
         let read_ahead = (batch.len() >= BUSY_BATCH).then(|| batch[batch.len() - 1].seq);
         let publishing =
             publish(self.inner, &mut batch, &tail, &self.state.sent).instrument(span.clone());
@@ -399,6 +406,7 @@ impl Leader<'_> {
         if self.state.crash_before_mark.load(Ordering::SeqCst) {
             return Ok(Step::End(Led::Crashed));
         }
+        record_batch(&batch, &outcome, started);
         let marked = self.mark(&batch, outcome).instrument(span).await?;
         match next.transpose()? {
             Some(None) => return Ok(Step::End(Led::Stopped)),
@@ -498,4 +506,24 @@ impl Leader<'_> {
             Step::Next
         }
     }
+}
+
+/// Records a published batch's metrics (see [`crate::telemetry`]): the events
+/// acknowledged, the failures by kind, and the time since `started`.
+fn record_batch(batch: &[OutboxRow], outcome: &[Result<(), Failure>], started: Instant) {
+    let mut errors = [0u64; 3];
+    for result in outcome {
+        match result {
+            Ok(()) => {}
+            Err(Failure::Permanent(_)) => errors[0] += 1,
+            Err(Failure::Transient(_)) => errors[1] += 1,
+            Err(Failure::OutOfChain(_)) => errors[2] += 1,
+        }
+    }
+    let acked = batch
+        .iter()
+        .zip(outcome)
+        .filter(|(_, result)| result.is_ok())
+        .map(|(row, _)| row.occurred_at);
+    crate::telemetry::relay_batch(acked, errors, started.elapsed());
 }
