@@ -92,7 +92,7 @@ pub use config::{
 pub use consumer::{
     ConsumerBuilder, ConsumerError, ConsumerErrorKind, ConsumerHandle, ConsumerSettings,
     ConsumerStatus, DeadLetter, DeadReason, Envelope, HandlerError, ParseDeadReasonError, Received,
-    StartFrom, TxHandlerFn,
+    Replay, StartFrom, TxHandlerFn,
 };
 pub use edupulse_events_derive::DomainEvent;
 pub use event::{DomainEvent, SubjectError};

@@ -33,8 +33,17 @@ const INSERT_DEAD_LETTER: &str = formatcp!(
 /// A group's dead letters, oldest first.
 const LIST_DEAD_LETTERS: &str = formatcp!(
     "SELECT id, consumer_group, reason, error, event_id, event_name, subject,
-            stream_sequence, deliveries, payload
+            stream_sequence, deliveries, payload, replayed_at, replays
      FROM {DEAD_LETTERS} WHERE consumer_group = $1 ORDER BY id LIMIT $2"
+);
+
+/// Asks for a replay of a group's dead letters not replayed yet: all, some ids, or one
+/// reason (see [`Emitter::replay_dead_letters`]).
+const REQUEST_REPLAY: &str = formatcp!(
+    "UPDATE {DEAD_LETTERS} SET replay_requested_at = pg_catalog.now()
+     WHERE consumer_group = $1 AND replayed_at IS NULL AND replay_requested_at IS NULL
+       AND ($2::bigint[] IS NULL OR id = ANY($2))
+       AND ($3::text IS NULL OR reason = $3)"
 );
 
 /// Deletes a group's dead letters recorded before a point in time (see
@@ -387,6 +396,11 @@ pub struct DeadLetter {
     pub deliveries: i32,
     /// The raw body.
     pub payload: Vec<u8>,
+    /// When a replay went through (see
+    /// [`Emitter::replay_dead_letters`](crate::Emitter::replay_dead_letters)).
+    pub replayed_at: Option<time::OffsetDateTime>,
+    /// How many replays were tried.
+    pub replays: i32,
 }
 
 /// Shows the payload as text when it is UTF-8 (JSON, normally), else its size.
@@ -403,6 +417,8 @@ impl fmt::Debug for DeadLetter {
             .field("stream_sequence", &self.stream_sequence)
             .field("deliveries", &self.deliveries)
             .field("payload", &Payload(&self.payload))
+            .field("replayed_at", &self.replayed_at)
+            .field("replays", &self.replays)
             .finish()
     }
 }
@@ -460,6 +476,8 @@ impl EventService {
                     stream_sequence: row.try_get("stream_sequence")?,
                     deliveries: row.try_get("deliveries")?,
                     payload: row.try_get("payload")?,
+                    replayed_at: row.try_get("replayed_at")?,
+                    replays: row.try_get("replays")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -467,7 +485,81 @@ impl EventService {
     }
 }
 
+/// Which dead letters of a group to replay (see
+/// [`Emitter::replay_dead_letters`](crate::Emitter::replay_dead_letters)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Replay {
+    /// Every letter of the group not replayed yet.
+    All,
+    /// These letters (by [`DeadLetter::id`]).
+    Ids(Vec<i64>),
+    /// Every letter of the group with this reason.
+    Reason(DeadReason),
+}
+
+impl EventService {
+    /// Asks for the replay of dead letters of `group`: see
+    /// [`Emitter::replay_dead_letters`](crate::Emitter::replay_dead_letters).
+    ///
+    /// # Errors
+    /// [`OutboxError`](crate::OutboxError): `NotMigrated` before
+    /// [`migrate`](EventService::migrate), else the Postgres error.
+    pub async fn replay_dead_letters(
+        &self,
+        group: &str,
+        which: Replay,
+    ) -> Result<u64, crate::OutboxError> {
+        self.emitter().replay_dead_letters(group, which).await
+    }
+
+    /// Deletes the dead letters of `group` recorded more than `older_than` ago: see
+    /// [`Emitter::purge_dead_letters`](crate::Emitter::purge_dead_letters).
+    ///
+    /// # Errors
+    /// [`OutboxError`](crate::OutboxError): `NotMigrated` before
+    /// [`migrate`](EventService::migrate), else the Postgres error.
+    pub async fn purge_dead_letters(
+        &self,
+        group: &str,
+        older_than: std::time::Duration,
+    ) -> Result<u64, crate::OutboxError> {
+        self.emitter().purge_dead_letters(group, older_than).await
+    }
+}
+
 impl crate::Emitter {
+    /// Asks for the replay of dead letters of `group`; returns how many were asked
+    /// for. A running instance of the group (within about a second) hands each
+    /// recorded message to its handler again, to that group alone, in stream order, as
+    /// it handles any event (an `on_tx` handler's inbox still applies it once). One
+    /// that goes through is marked replayed ([`DeadLetter::replayed_at`]); one that
+    /// fails again stays a dead letter, with the new error and one more
+    /// [`DeadLetter::replays`], and may be asked for again. Letters already replayed,
+    /// or waiting for one, are left alone. Deploy the fix first.
+    ///
+    /// # Errors
+    /// [`OutboxError`](crate::OutboxError): `NotMigrated` before
+    /// [`migrate`](crate::Emitter::migrate), else the Postgres error.
+    pub async fn replay_dead_letters(
+        &self,
+        group: &str,
+        which: Replay,
+    ) -> Result<u64, crate::OutboxError> {
+        let (ids, reason) = match which {
+            Replay::All => (None, None),
+            Replay::Ids(ids) => (Some(ids), None),
+            Replay::Reason(reason) => (None, Some(reason.as_str())),
+        };
+        let result = sqlx::query(REQUEST_REPLAY)
+            .bind(group)
+            .bind(ids)
+            .bind(reason)
+            .execute(&self.inner.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
     /// Deletes the dead letters of `group` recorded more than `older_than` ago;
     /// returns how many. Needs Postgres only (the `edupulse dead-letters purge`
     /// command uses it); the messages themselves stay in the stream until its limits

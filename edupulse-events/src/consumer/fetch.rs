@@ -7,6 +7,7 @@ use super::gate::Gate;
 use super::inbox::spawn_pruner;
 use super::instance::client_gone;
 use super::lane::{give_back, Lanes};
+use super::replay::spawn_replayer;
 use super::undeliverable;
 use crate::service::nats::Mover;
 use crate::support::retry::{progress_period, sleep_or_stop};
@@ -97,6 +98,8 @@ struct Fetcher {
     lanes: Lanes,
     /// Prunes the inbox in the background.
     pruner: JoinHandle<()>,
+    /// Replays the dead letters an operator asked for (see `replay`).
+    replayer: JoinHandle<()>,
     /// Records the messages JetStream gave up delivering (see `undeliverable`).
     listener: JoinHandle<()>,
     /// Tells when the instance has failed (a lane died).
@@ -118,6 +121,7 @@ impl Fetcher {
     ) -> Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
+        let replayer = spawn_replayer(ctx.clone());
         let failure = ctx.failure.subscribe();
         Fetcher {
             connects: 0,
@@ -130,6 +134,7 @@ impl Fetcher {
             gate: Gate::default(),
             lanes,
             pruner,
+            replayer,
         }
     }
 
@@ -345,6 +350,7 @@ impl Fetcher {
     /// `shutdown_timeout`) and flushes the acks.
     async fn shut_down(mut self) {
         self.pruner.abort();
+        self.replayer.abort();
         self.listener.abort();
         if !self.ctx.crashed() {
             // Not handed to a lane: back to JetStream, like the lanes' queued messages.

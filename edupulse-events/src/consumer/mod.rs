@@ -48,12 +48,13 @@ mod handle;
 mod inbox;
 mod instance;
 mod lane;
+mod replay;
 mod route;
 mod settings;
 mod undeliverable;
 
 pub use builder::{ConsumerBuilder, TxHandlerFn};
-pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError};
+pub use dead_letter::{DeadLetter, DeadReason, ParseDeadReasonError, Replay};
 #[cfg(feature = "testing")]
 pub(crate) use envelope::Via;
 pub use envelope::{Envelope, HandlerError, Received};
