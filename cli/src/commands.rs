@@ -626,6 +626,28 @@ pub async fn dead_letters_purge(
     Ok(())
 }
 
+/// `edupulse dead-letters replay`.
+pub async fn dead_letters_replay(
+    ctx: &Ctx,
+    json: bool,
+    group: &str,
+    which: edupulse_events::Replay,
+) -> Result<(), CliError> {
+    let asked = ctx
+        .emitter()
+        .await?
+        .replay_dead_letters(group, which)
+        .await?;
+    if json {
+        return print_json(&json!({ "group": group, "replay_requested": asked }));
+    }
+    println!(
+        "asked for the replay of {asked} dead letters of group {group}; a running instance \
+         of the group replays them in stream order (see `edupulse dead-letters list {group}`)"
+    );
+    Ok(())
+}
+
 /// `edupulse migrate`.
 pub async fn migrate(ctx: &Ctx, json: bool) -> Result<(), CliError> {
     ctx.emitter().await?.migrate().await?;

@@ -119,6 +119,23 @@ enum DeadLettersCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Hands a group's dead letters back to that group alone, in stream order (deploy
+    /// the fix first): a running instance of the group replays each within about a
+    /// second; one that fails again stays a dead letter (`list` shows `replays`).
+    #[command(group(ArgGroup::new("which").required(true).args(["all", "id", "reason"])))]
+    Replay {
+        /// The consumer group.
+        group: String,
+        /// Every letter of the group not replayed yet.
+        #[arg(long)]
+        all: bool,
+        /// The letters with these ids (as `list` shows them).
+        #[arg(long, num_args = 1..)]
+        id: Vec<i64>,
+        /// Every letter with this reason.
+        #[arg(long, value_parser = parse_reason)]
+        reason: Option<edupulse_events::DeadReason>,
+    },
     /// Deletes a group's dead letters recorded longer ago than a duration.
     Purge {
         /// The consumer group.
@@ -179,6 +196,19 @@ async fn run(cli: Cli) -> Result<ExitCode, (CliError, Vec<String>)> {
             reason,
             limit,
         }) => commands::dead_letters_list(&ctx, json, &group, reason, limit).await,
+        Command::DeadLetters(DeadLettersCommand::Replay {
+            group,
+            all,
+            id,
+            reason,
+        }) => {
+            let which = match (all, reason) {
+                (true, _) => edupulse_events::Replay::All,
+                (false, Some(reason)) => edupulse_events::Replay::Reason(reason),
+                (false, None) => edupulse_events::Replay::Ids(id),
+            };
+            commands::dead_letters_replay(&ctx, json, &group, which).await
+        }
         Command::DeadLetters(DeadLettersCommand::Purge { group, older_than }) => {
             commands::dead_letters_purge(&ctx, json, &group, older_than).await
         }

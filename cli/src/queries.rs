@@ -278,6 +278,10 @@ pub struct DeadLetterRow {
     pub deliveries: i32,
     /// When it was recorded.
     pub created_at: Option<String>,
+    /// How many replays were tried.
+    pub replays: i32,
+    /// When a replay went through.
+    pub replayed_at: Option<String>,
 }
 
 /// Dead letters of `group` (or, with `event`, of every group for that event), oldest
@@ -291,9 +295,11 @@ pub async fn dead_letters(
 ) -> Result<Vec<DeadLetterRow>, CliError> {
     let sql = concat!(
         "SELECT id, consumer_group, reason, error, event_id, event_name, subject,
-                stream_sequence, deliveries, ",
+                stream_sequence, deliveries, replays, ",
         rfc3339!("created_at"),
-        " AS created_at
+        " AS created_at, ",
+        rfc3339!("replayed_at"),
+        " AS replayed_at
          FROM edupulse.dead_letters
          WHERE ($1::text IS NULL OR consumer_group = $1)
            AND ($2::uuid IS NULL OR event_id = $2)
@@ -320,6 +326,8 @@ pub async fn dead_letters(
                 stream_sequence: row.try_get("stream_sequence")?,
                 deliveries: row.try_get("deliveries")?,
                 created_at: row.try_get("created_at")?,
+                replays: row.try_get("replays")?,
+                replayed_at: row.try_get("replayed_at")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()

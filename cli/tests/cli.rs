@@ -127,6 +127,7 @@ fn every_command_has_help() {
         &["consumers", "--help"],
         &["dead-letters", "list", "--help"],
         &["dead-letters", "purge", "--help"],
+        &["dead-letters", "replay", "--help"],
         &["migrate", "--help"],
     ] {
         let output = edupulse().args(args).output().unwrap();
@@ -483,6 +484,21 @@ async fn explain_consumers_and_dead_letters_follow_an_event_through_the_groups()
     assert_eq!(
         json(&env, &["dead-letters", "list", "grading"]),
         Value::Array(vec![])
+    );
+
+    // Replay hands the letter back to billing alone; its handler still fails, so it
+    // stays a dead letter, with one replay counted.
+    let asked = json(&env, &["dead-letters", "replay", "billing", "--all"]);
+    assert_eq!(asked["replay_requested"], 1);
+    wait_for(Duration::from_secs(30), "billing's replay", || async {
+        json(&env, &["dead-letters", "list", "billing"])[0]["replays"] == 1
+    })
+    .await;
+    let letters = json(&env, &["dead-letters", "list", "billing"]);
+    assert_eq!(letters[0]["replayed_at"], Value::Null);
+    assert_eq!(
+        json(&env, &["dead-letters", "replay", "grading", "--all"])["replay_requested"],
+        0
     );
 
     // Purge removes only what is older than the limit.
