@@ -8,7 +8,9 @@
 //!                                                   # three-node cluster, R3 streams
 //! ```
 //!
-//! `--only relay,e2e` runs the stages named. `--cluster` starts three `nats-server`
+//! `--only relay,e2e` runs the stages named. `--recorder` installs a Prometheus metrics
+//! recorder first (what a service that exports metrics runs with), to compare a run
+//! with one and a run without. `--cluster` starts three `nats-server`
 //! processes of the newest binary found (see `edupulse_fault_suite::cluster`) and runs
 //! the relay and end-to-end stages (unless `--only` names others) against three-replica
 //! streams, the raw baselines too.
@@ -104,6 +106,15 @@ fn main() -> std::process::ExitCode {
         Scale::full()
     };
     let cluster = args.iter().any(|a| a == "--cluster");
+    if args.iter().any(|a| a == "--recorder") {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        if let Err(error) = metrics::set_global_recorder(recorder) {
+            eprintln!("cannot install the metrics recorder: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+        edupulse_events::telemetry::describe_metrics();
+        eprintln!("a Prometheus metrics recorder is installed");
+    }
     let only: Option<String> = args
         .iter()
         .position(|a| a == "--only")

@@ -645,7 +645,16 @@ async fn two_instances_of_one_group_share_the_work_and_handle_each_event_once() 
         count(&service, "SELECT count(*) FROM edupulse.inbox").await == emitted
     })
     .await;
-    assert_eq!(a.handled() + b.handled(), emitted as u64);
+    // Each event's effect once. The counters may say "duplicate" for one: a commit
+    // whose answer came too late (a loaded machine) is retried and finds the event in
+    // the inbox (seen once in a clean-clone run: 999 handled, 1,000 effects).
+    let handled = a.handled() + b.handled();
+    let duplicates = a.duplicates() + b.duplicates();
+    assert!(handled <= emitted as u64, "{handled} handled of {emitted}");
+    assert!(
+        handled + duplicates >= emitted as u64,
+        "{handled} handled and {duplicates} duplicates of {emitted}"
+    );
     assert_eq!(
         count(&service, "SELECT count(*) FROM effects").await,
         emitted
