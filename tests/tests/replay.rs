@@ -154,6 +154,28 @@ async fn dead_letters_replayed_after_the_fix_reach_their_group_in_order_once() {
         dead.iter().any(|letter| letter.replays == 2)
     })
     .await;
+    // By id: a replayed letter is not asked for again; the dead one is.
+    let (replayed, dead) = {
+        let letters = service.dead_letters("grading", 10).await.unwrap();
+        let id_of = |replayed: bool| {
+            letters
+                .iter()
+                .find(|letter| letter.replayed_at.is_some() == replayed)
+                .unwrap()
+                .id
+        };
+        (id_of(true), id_of(false))
+    };
+    let asked = service
+        .replay_dead_letters("grading", Replay::Ids(vec![replayed, dead]))
+        .await
+        .unwrap();
+    assert_eq!(asked, 1, "only the dead one of the two ids");
+    wait_for(WAIT, "the third replay of lesson 5", || async {
+        let dead = service.dead_letters("grading", 10).await.unwrap();
+        dead.iter().any(|letter| letter.replays == 3)
+    })
+    .await;
     let grades: i64 = sqlx::query_scalar("SELECT count(*) FROM grades")
         .fetch_one(service.pool())
         .await
