@@ -622,6 +622,8 @@ mod tests {
             stream_sequence: 3,
             deliveries: 1,
             payload: payload.to_vec(),
+            replayed_at: None,
+            replays: 0,
         }
     }
 
