@@ -226,7 +226,7 @@ mod tests {
             headers_from_block(b"NATS/1.0\r\nce-id: 42\r\nBad Name: x\r\nce-type: a.b\r\n\r\n");
         assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some("42"));
         assert_eq!(headers.get("ce-type").map(|v| v.as_str()), Some("a.b"));
-        assert!(headers.get("Bad Name").is_none());
+        assert_eq!(headers.len(), 2, "the line with a bad name is left out");
         let readable = serde_json::json!({"ce-id": "7", "x": 1});
         let headers = headers_from_readable(&readable);
         assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some("7"));
