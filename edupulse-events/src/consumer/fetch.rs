@@ -7,7 +7,7 @@ use super::gate::Gate;
 use super::inbox::spawn_pruner;
 use super::instance::client_gone;
 use super::lane::{give_back, Lanes};
-use super::replay::spawn_replayer;
+use super::replay::Replayer;
 use super::undeliverable;
 use crate::service::nats::Mover;
 use crate::support::retry::{progress_period, sleep_or_stop};
@@ -99,7 +99,7 @@ struct Fetcher {
     /// Prunes the inbox in the background.
     pruner: JoinHandle<()>,
     /// Replays the dead letters an operator asked for (see `replay`).
-    replayer: JoinHandle<()>,
+    replayer: Replayer,
     /// Records the messages JetStream gave up delivering (see `undeliverable`).
     listener: JoinHandle<()>,
     /// Tells when the instance has failed (a lane died).
@@ -121,7 +121,7 @@ impl Fetcher {
     ) -> Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
-        let replayer = spawn_replayer(ctx.clone());
+        let replayer = Replayer::start(ctx.clone());
         let failure = ctx.failure.subscribe();
         Fetcher {
             connects: 0,
@@ -350,7 +350,7 @@ impl Fetcher {
     /// `shutdown_timeout`) and flushes the acks.
     async fn shut_down(mut self) {
         self.pruner.abort();
-        self.replayer.abort();
+        self.replayer.stop(self.ctx.settings.shutdown_timeout).await;
         self.listener.abort();
         if !self.ctx.crashed() {
             // Not handed to a lane: back to JetStream, like the lanes' queued messages.

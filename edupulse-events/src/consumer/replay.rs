@@ -9,7 +9,7 @@ use super::context::Ctx;
 use super::envelope::{parse, Delivered, Parsed, Via};
 use super::handle::{handle, panic_message, Outcome};
 use crate::causation::Cause;
-use crate::support::retry::backoff;
+use crate::support::retry::{backoff, sleep_or_stop};
 use crate::support::sql::DEAD_LETTERS;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use const_format::formatcp;
@@ -18,10 +18,18 @@ use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How often an instance looks for replays asked for.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
+
+/// Whether the group has a letter to replay: read outside a transaction, so that an
+/// instance with nothing to replay (nearly always) opens none.
+const ANY_REPLAY: &str = formatcp!(
+    "SELECT EXISTS (SELECT 1 FROM {DEAD_LETTERS}
+                    WHERE consumer_group = $1 AND replay_requested_at IS NOT NULL)"
+);
 
 /// The group's next letter to replay, in stream order, locked against the group's
 /// other instances (which skip it).
@@ -48,38 +56,73 @@ const STILL_DEAD: &str = formatcp!(
      WHERE id = $1"
 );
 
-/// Replays what is asked for until aborted (with the instance's fetch loop).
-pub(super) fn spawn_replayer(ctx: Arc<Ctx>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut outages = 0;
-        loop {
-            match replay_next(&ctx).await {
-                Ok(true) => {
-                    outages = 0;
-                    continue;
-                }
-                Ok(false) => outages = 0,
-                Err(error) => {
-                    outages += 1;
-                    tracing::debug!(%error, group = %ctx.group, "cannot replay dead letters now; trying later");
-                }
-            }
-            let delay = if outages == 0 {
-                REPLAY_POLL
-            } else {
-                backoff(
-                    REPLAY_POLL,
-                    ctx.settings.retry_max.max(REPLAY_POLL),
-                    outages,
-                )
-            };
-            tokio::time::sleep(delay).await;
+/// The replayer of an instance: stopped by [`Replayer::stop`], which lets a replay in
+/// hand finish (never aborted inside its transaction, which could leave a pooled
+/// connection in it).
+pub(super) struct Replayer {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Replayer {
+    /// Starts replaying what is asked for.
+    pub fn start(ctx: Arc<Ctx>) -> Replayer {
+        let (stop, stopped) = watch::channel(false);
+        Replayer {
+            stop,
+            task: tokio::spawn(run(ctx, stopped)),
         }
-    })
+    }
+
+    /// Stops it, waiting for a replay in hand up to `limit`.
+    pub async fn stop(mut self, limit: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(limit, &mut self.task).await.is_err() {
+            tracing::warn!("a replay did not finish within shutdown_timeout; abandoning it");
+            self.task.abort();
+        }
+    }
+}
+
+/// Replays what is asked for until told to stop.
+async fn run(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    let mut outages = 0;
+    while !*stop.borrow() {
+        match replay_next(&ctx).await {
+            Ok(true) => {
+                outages = 0;
+                continue;
+            }
+            Ok(false) => outages = 0,
+            Err(error) => {
+                outages += 1;
+                tracing::debug!(%error, group = %ctx.group, "cannot replay dead letters now; trying later");
+            }
+        }
+        let delay = if outages == 0 {
+            REPLAY_POLL
+        } else {
+            backoff(
+                REPLAY_POLL,
+                ctx.settings.retry_max.max(REPLAY_POLL),
+                outages,
+            )
+        };
+        if sleep_or_stop(&mut stop, delay).await {
+            return;
+        }
+    }
 }
 
 /// Replays the group's next letter asked for, if any: true if there was one.
 async fn replay_next(ctx: &Ctx) -> Result<bool, sqlx::Error> {
+    let asked: bool = sqlx::query_scalar(ANY_REPLAY)
+        .bind(&ctx.group)
+        .fetch_one(&ctx.inner.pool)
+        .await?;
+    if !asked {
+        return Ok(false);
+    }
     let mut tx = ctx.inner.pool.begin().await?;
     let Some(row) = sqlx::query(NEXT_REPLAY)
         .bind(&ctx.group)
