@@ -252,7 +252,7 @@ impl Delivery<'_> {
     /// Tries the event until it is done with.
     async fn run(mut self) {
         loop {
-            let outcome = match self.decode() {
+            let outcome = match decode(self.route, self.envelope.version, &self.message.payload) {
                 Decoded::Event(event) => {
                     let started = Instant::now();
                     let outcome = self.try_once(event).await;
@@ -297,31 +297,6 @@ impl Delivery<'_> {
             if done {
                 return;
             }
-        }
-    }
-
-    /// Decodes the payload (the event type's own `Deserialize` runs here, and may
-    /// panic).
-    fn decode(&self) -> Decoded {
-        let decode = self.route.decode;
-        let payload = &self.message.payload;
-        let version = self.envelope.version;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| decode(version, payload))) {
-            Ok(Some(Ok(event))) => Decoded::Event(event),
-            Ok(Some(Err(error))) => Decoded::Refused(format!(
-                "payload does not decode as `{}` version {version}: {error}",
-                self.route.name
-            )),
-            // The envelope was only made for a version the route accepts.
-            Ok(None) => Decoded::Refused(format!(
-                "internal: `{}` version {version} has no path to version {}",
-                self.route.name, self.route.version
-            )),
-            Err(panic) => Decoded::Panicked(format!(
-                "decoding `{}` panicked: {}",
-                self.route.name,
-                panic_message(panic.as_ref())
-            )),
         }
     }
 
@@ -448,13 +423,35 @@ async fn ack(message: &Message) {
 }
 
 /// What decoding a payload gave.
-enum Decoded {
+pub(super) enum Decoded {
     /// The event, for its handler.
     Event(Box<dyn Any + Send>),
     /// It does not decode: it never will.
     Refused(String),
     /// The event type's `Deserialize` panicked: a handler failure.
     Panicked(String),
+}
+
+/// Decodes a payload published as `version` for `route`'s handler (the event type's
+/// own `Deserialize` runs here, and may panic): in a lane, and for a replay.
+pub(super) fn decode(route: &Route, version: u32, payload: &[u8]) -> Decoded {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| (route.decode)(version, payload))) {
+        Ok(Some(Ok(event))) => Decoded::Event(event),
+        Ok(Some(Err(error))) => Decoded::Refused(format!(
+            "payload does not decode as `{}` version {version}: {error}",
+            route.name
+        )),
+        // The envelope was only made for a version the route accepts.
+        Ok(None) => Decoded::Refused(format!(
+            "internal: `{}` version {version} has no path to version {}",
+            route.name, route.version
+        )),
+        Err(panic) => Decoded::Panicked(format!(
+            "decoding `{}` panicked: {}",
+            route.name,
+            panic_message(panic.as_ref())
+        )),
+    }
 }
 
 #[cfg(test)]

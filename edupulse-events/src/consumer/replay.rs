@@ -7,14 +7,14 @@
 
 use super::context::Ctx;
 use super::envelope::{parse, Delivered, Parsed, Via};
-use super::handle::{handle, panic_message, Outcome};
+use super::handle::{handle, Outcome};
+use super::lane::{decode, Decoded};
 use crate::causation::Cause;
 use crate::support::retry::{backoff, sleep_or_stop};
 use crate::support::sql::DEAD_LETTERS;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use const_format::formatcp;
 use sqlx::Row;
-use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,31 +193,11 @@ async fn replay(ctx: &Ctx, message: &async_nats::Message, sequence: u64) -> Resu
         }
         Parsed::Dead(reason, why) => return Err(Outcome::Failed(format!("{reason}: {why}"))),
     };
-    let decode = route.decode;
-    let version = envelope.version;
-    let event =
-        match std::panic::catch_unwind(AssertUnwindSafe(|| decode(version, &message.payload))) {
-            Ok(Some(Ok(event))) => event,
-            Ok(Some(Err(error))) => {
-                return Err(Outcome::Failed(format!(
-                    "payload does not decode as `{}` version {version}: {error}",
-                    route.name
-                )))
-            }
-            Ok(None) => {
-                return Err(Outcome::Failed(format!(
-                    "`{}` version {version} has no path to version {}",
-                    route.name, route.version
-                )))
-            }
-            Err(panic) => {
-                return Err(Outcome::Panicked(format!(
-                    "decoding `{}` panicked: {}",
-                    route.name,
-                    panic_message(panic.as_ref())
-                )))
-            }
-        };
+    let event = match decode(route, envelope.version, &message.payload) {
+        Decoded::Event(event) => event,
+        Decoded::Refused(why) => return Err(Outcome::Failed(why)),
+        Decoded::Panicked(why) => return Err(Outcome::Panicked(why)),
+    };
     envelope.via = Via(Some(ctx.inner.emitter.clone()));
     let cause = Cause::of(envelope.id, envelope.correlation_id);
     match cause.scope(handle(ctx, route, event, envelope)).await {
