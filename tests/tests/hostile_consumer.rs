@@ -525,6 +525,98 @@ async fn events_read_with_an_unparseable_message_are_handled_in_order_and_not_gi
 }
 
 #[tokio::test]
+async fn messages_an_instance_has_when_its_client_dies_go_on_with_the_next_client() {
+    let (env, service) = setup().await;
+    let relay = service.start_relay().await.expect("the relay starts");
+    let js = env.jetstream().await;
+    // Ten events of one lesson: one lane takes them, in order.
+    for _ in 0..10 {
+        service.emit(LessonViewed { lesson_id: 1 }).await.unwrap();
+    }
+    wait_for(WAIT, "the ten events in the stream", || async {
+        env.stream_len(&js).await == 10
+    })
+    .await;
+    // The first one's handler waits until the client has died: the other nine are then
+    // queued in its lane.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (gate, seen) = (release.clone(), attempts.clone());
+    let consumer = service
+        .consumer("grading")
+        .settings(ConsumerSettings {
+            ack_wait: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(30),
+            ..fast()
+        })
+        .on_tx::<LessonViewed, _>(move |tx, received| {
+            let first = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(received.envelope.attempt);
+                seen.len() == 1
+            };
+            let gate = gate.clone();
+            Box::pin(async move {
+                if first {
+                    let _ = gate.acquire().await;
+                }
+                record(tx, received.envelope.id).await
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let group = js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "grading",
+            env.stream.as_str(),
+        )
+        .await
+        .unwrap();
+    wait_for(WAIT, "the ten events delivered, the first in hand", || {
+        let mut group = group.clone();
+        let attempts = attempts.clone();
+        async move {
+            let info = group.info().await.unwrap();
+            info.num_ack_pending == 10 && attempts.lock().unwrap().len() == 1
+        }
+    })
+    .await;
+    // A header value with a lone carriage return: async-nats's reader panics on it and
+    // the instance's client dies.
+    let subject = format!("{}.lesson.2.viewed", env.prefix);
+    let poison = "NATS/1.0\r\nx: a\rb\r\n\r\n";
+    edupulse_events_tests::raw_hpub(&env.nats_url, &subject, poison, "garbage").await;
+    wait_for(WAIT, "the client's death", || async {
+        consumer.clients_lost() == 1
+    })
+    .await;
+    release.add_permits(1);
+    wait_for(WAIT, "the ten events handled", || async {
+        consumer.handled() == 10
+    })
+    .await;
+    wait_for(WAIT, "the poison recorded", || async {
+        consumer.dead_lettered() == 1
+    })
+    .await;
+    assert_eq!(effects(&service).await, 10);
+    // The nine queued ones went on with the next client: handled once, acked through
+    // it, never delivered again. (Only the one in hand, whose ack went to the dead
+    // client, comes back, as a duplicate.) Before, each came back after ack_wait.
+    assert_eq!(*attempts.lock().unwrap(), vec![1; 10]);
+    wait_for(WAIT, "everything acked", || {
+        let mut group = group.clone();
+        async move { group.info().await.unwrap().num_ack_pending == 0 }
+    })
+    .await;
+    let redelivered = consumer.duplicates();
+    assert!(redelivered <= 1, "{redelivered} delivered again");
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_handler_that_never_finishes_is_abandoned_at_handler_timeout_and_the_subject_goes_on() {
     let (_env, service) = setup().await;
     let relay = service.start_relay().await.expect("the relay starts");

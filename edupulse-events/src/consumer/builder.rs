@@ -201,6 +201,7 @@ impl ConsumerBuilder {
             metrics: Arc::new(ConsumerMetrics::new(&group, routes.names())),
             routes,
             nats,
+            carry: Mutex::new(None),
         });
         let instance = Instance::start(ctx, consumer).await?;
         let failure = instance.ctx.failure.subscribe();

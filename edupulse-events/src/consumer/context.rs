@@ -24,6 +24,8 @@ pub(super) struct Stats {
     pub dead_lettered: AtomicU64,
     /// Messages terminated without a dead-letter record, which Postgres refused.
     pub dead_letters_lost: AtomicU64,
+    /// NATS clients of the instance that died and were replaced.
+    pub clients_lost: AtomicU64,
     /// The last failure of a handler or of the framework (Postgres out of reach),
     /// until an event is handled again.
     pub last_error: std::sync::Mutex<Option<String>>,
@@ -86,6 +88,9 @@ pub(super) struct Ctx {
     pub nats: async_nats::Client,
     /// The group's metric handles.
     pub metrics: Arc<crate::telemetry::ConsumerMetrics>,
+    /// Once the client has died (see `instance`): the messages the lanes had queued,
+    /// which they put here instead of handling, for the next incarnation.
+    pub carry: Mutex<Option<Vec<Message>>>,
 }
 
 impl Ctx {
@@ -104,7 +109,40 @@ impl Ctx {
             failure: self.failure.clone(),
             nats,
             metrics: self.metrics.clone(),
+            carry: Mutex::new(None),
         }
+    }
+
+    /// The client has died: from now on the lanes put their queued messages aside
+    /// (see [`Ctx::carry_aside`]) instead of handling them.
+    pub fn start_carrying(&self) {
+        if let Ok(mut carry) = self.carry.lock() {
+            carry.get_or_insert_with(Vec::new);
+        }
+    }
+
+    /// Puts `message` aside for the next incarnation if the client has died; gives it
+    /// back otherwise.
+    pub fn carry_aside(&self, message: Message) -> Option<Message> {
+        match self.carry.lock() {
+            Ok(mut carry) => match carry.as_mut() {
+                Some(aside) => {
+                    aside.push(message);
+                    None
+                }
+                None => Some(message),
+            },
+            Err(_) => Some(message),
+        }
+    }
+
+    /// The messages put aside since the client died.
+    pub fn carried(&self) -> Vec<Message> {
+        self.carry
+            .lock()
+            .ok()
+            .and_then(|mut carry| carry.take())
+            .unwrap_or_default()
     }
 
     /// Whether a simulated crash has happened: the instance then acks and naks nothing.

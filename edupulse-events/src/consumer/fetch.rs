@@ -46,18 +46,40 @@ pub(super) enum Ended {
     ClientGone,
 }
 
-/// Runs one incarnation of an instance: fetches until told to stop (or the simulated
-/// crash, or the client's death), then shuts its lanes down.
+/// What an incarnation whose client died hands to the next one: the messages it held
+/// and those its lanes had queued, still pending on the server. The next incarnation
+/// acks them through its own client, so a client's death costs them no delivery (under
+/// a storm of messages that kill the client, they would otherwise come back after
+/// every death, and JetStream would give them up after `max_redeliveries`).
+#[derive(Default)]
+pub(super) struct Carried {
+    /// The gate, with its held messages and its catching up.
+    gate: Gate,
+    /// The lanes' queued messages, in stream order.
+    queued: Vec<Message>,
+}
+
+impl Carried {
+    /// How many messages are carried.
+    pub fn len(&self) -> usize {
+        self.gate.held() + self.queued.len()
+    }
+}
+
+/// Runs one incarnation of an instance, taking over what the last one `carried`:
+/// fetches until told to stop (or the simulated crash, or the client's death), then
+/// shuts its lanes down. Returns what the next incarnation takes over if the client
+/// died, `None` if the instance stops.
 pub(super) async fn run(
     ctx: Arc<Ctx>,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
     listener: JoinHandle<()>,
-) -> Ended {
-    let mut fetcher = Fetcher::start(ctx, consumer, stop, listener);
+    carried: Carried,
+) -> Option<Carried> {
+    let mut fetcher = Fetcher::start(ctx, consumer, stop, listener, carried);
     let ended = fetcher.fetch().await;
-    fetcher.shut_down().await;
-    ended
+    fetcher.shut_down(ended).await
 }
 
 /// What the fetch loop woke up for.
@@ -118,11 +140,22 @@ impl Fetcher {
         consumer: PullConsumer,
         stop: watch::Receiver<bool>,
         listener: JoinHandle<()>,
+        carried: Carried,
     ) -> Fetcher {
         let lanes = Lanes::start(&ctx, &stop);
         let pruner = spawn_pruner(ctx.clone());
         let replayer = Replayer::start(ctx.clone());
         let failure = ctx.failure.subscribe();
+        // What the last incarnation had: acked, naked and sent progress through this
+        // client from now on, the queued ones back in their lanes first.
+        let Carried { mut gate, queued } = carried;
+        let context = async_nats::jetstream::new(ctx.nats.clone());
+        gate.rebind(&context);
+        for mut message in queued {
+            message.context = context.clone();
+            // The lanes have just started: none has gone.
+            lanes.dispatch(&ctx, message);
+        }
         Fetcher {
             connects: 0,
             mover: Mover::default(),
@@ -131,7 +164,7 @@ impl Fetcher {
             ctx,
             consumer,
             stop,
-            gate: Gate::default(),
+            gate,
             lanes,
             pruner,
             replayer,
@@ -347,11 +380,30 @@ impl Fetcher {
     }
 
     /// Stops the pruner, hands back the held messages, lets the lanes finish (up to
-    /// `shutdown_timeout`) and flushes the acks.
-    async fn shut_down(mut self) {
+    /// `shutdown_timeout`) and flushes the acks. If the client has died (`ended`), the
+    /// held messages and the lanes' queued ones are not handed back (that would need
+    /// the client) but returned, for the next incarnation.
+    async fn shut_down(mut self, ended: Ended) -> Option<Carried> {
         self.pruner.abort();
         self.replayer.stop(self.ctx.settings.shutdown_timeout).await;
         self.listener.abort();
+        if ended == Ended::ClientGone {
+            self.ctx.stats.clients_lost.fetch_add(1, Ordering::SeqCst);
+            self.ctx.start_carrying();
+            let deadline = Instant::now() + self.ctx.settings.shutdown_timeout;
+            self.lanes.close(&self.ctx, deadline).await;
+            let mut queued = self.ctx.carried();
+            queued.sort_by_key(|message| message.info().map_or(0, |info| info.stream_sequence));
+            let carried = Carried {
+                gate: self.gate,
+                queued,
+            };
+            tracing::info!(
+                carried = carried.len(),
+                "the instance's client died; the next one takes over its messages"
+            );
+            return Some(carried);
+        }
         if !self.ctx.crashed() {
             // Not handed to a lane: back to JetStream, like the lanes' queued messages.
             for message in self.gate.take_held() {
@@ -366,6 +418,7 @@ impl Fetcher {
             let _ = self.ctx.nats.flush().await;
         }
         tracing::info!("consumer stopped");
+        None
     }
 }
 

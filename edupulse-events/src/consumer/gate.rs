@@ -243,6 +243,19 @@ impl Gate {
         }
     }
 
+    /// How many messages are held.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Acks, naks and sends progress for the held messages through `context` from now
+    /// on (the client they came with has died).
+    pub fn rebind(&mut self, context: &async_nats::jetstream::Context) {
+        for message in self.held.values_mut() {
+            message.context = context.clone();
+        }
+    }
+
     /// Takes the held messages out, in stream order (to hand them back on shutdown).
     pub fn take_held(&mut self) -> impl Iterator<Item = Message> {
         std::mem::take(&mut self.held).into_values()

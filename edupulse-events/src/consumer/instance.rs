@@ -4,14 +4,15 @@
 //! async-nats's reader panics on a header value that holds a lone carriage return
 //! (`x: a\rb`), which nats-server passes on; that client then never answers again.
 //! The fetch loop notices (its pull fails and the client takes no more commands) and
-//! ends; the instance lets its lanes finish, opens a new connection and goes on. A
+//! ends; the instance lets its lanes finish the events in hand, opens a new connection
+//! and goes on with the messages the dead one held and queued (`fetch::Carried`). A
 //! fetch loop begins with a scan of what the group was delivered and not acked
 //! (`undeliverable::scan`), which terminates such a message before it is pulled
 //! again, so it cannot kill the new client too.
 
 use super::builder::attach;
 use super::context::Ctx;
-use super::fetch::{self, Ended};
+use super::fetch::{self, Carried};
 use super::undeliverable;
 use super::ConsumerError;
 use crate::support::retry::{backoff, sleep_or_stop};
@@ -52,12 +53,20 @@ impl Instance {
 /// Runs the instance until it is told to stop or fails, with a new incarnation each
 /// time its client dies.
 pub(super) async fn run(mut instance: Instance, config: pull::Config, stop: watch::Receiver<bool>) {
+    let mut carried = Carried::default();
     loop {
         let ctx = instance.ctx.clone();
-        let ended = fetch::run(ctx, instance.consumer, stop.clone(), instance.listener).await;
-        if ended != Ended::ClientGone {
+        let ended = fetch::run(
+            ctx,
+            instance.consumer,
+            stop.clone(),
+            instance.listener,
+            carried,
+        );
+        let Some(next) = ended.await else {
             return;
-        }
+        };
+        carried = next;
         match reborn(&instance.ctx, &config, stop.clone()).await {
             Some(next) => instance = next,
             None => return,

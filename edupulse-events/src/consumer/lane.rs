@@ -69,7 +69,8 @@ impl Lanes {
     }
 
     /// Closes the queues and waits for the lanes to finish the event in hand (and give
-    /// queued ones back), until `deadline`; a lane still busy then is abandoned.
+    /// queued ones back, or put them aside once the client has died: see
+    /// [`Ctx::start_carrying`]), until `deadline`; a lane still busy then is abandoned.
     pub async fn close(self, ctx: &Ctx, deadline: Instant) {
         let (senders, tasks): (Vec<_>, Vec<_>) = self.0.into_iter().unzip();
         drop(senders);
@@ -96,6 +97,10 @@ async fn run_lane(
     while let Some(message) = rx.recv().await {
         // From here `process` sends progress itself while it works.
         ctx.dequeued(&message);
+        // The client has died: the next incarnation takes the message.
+        let Some(message) = ctx.carry_aside(message) else {
+            continue;
+        };
         #[cfg(feature = "test-hooks")]
         if ctx.stats.panic_in_lane.swap(false, Ordering::SeqCst) {
             panic!("test hook: a lane panics");

@@ -211,6 +211,14 @@ impl ConsumerHandle {
         self.stats.dead_letters_lost.load(Ordering::SeqCst)
     }
 
+    /// How many times this instance's NATS client died and was replaced by a new one.
+    /// async-nats's reader panics on a header value with a lone carriage return, which
+    /// nats-server passes on from any publisher; the instance then goes on with a new
+    /// client and the messages it had (see the README's hostile-world section).
+    pub fn clients_lost(&self) -> u64 {
+        self.stats.clients_lost.load(Ordering::SeqCst)
+    }
+
     /// The last failure of a handler (or Postgres out of reach), if the instance has
     /// handled no event since: what it is retrying. Handler errors are also logged
     /// (`warn`), and become dead letters after `max_deliveries`.

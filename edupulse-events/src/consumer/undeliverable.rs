@@ -32,8 +32,10 @@ use uuid::Uuid;
 /// How many times a write of the record is tried before it is given up (logged).
 const WRITE_TRIES: u32 = 5;
 
-/// How many stream sequences above the ack floor a [`scan`] reads at most; beyond
-/// them an unreadable message waits for `max_redeliveries`.
+/// How many stream sequences a [`scan`] reads at most: the newest the group was
+/// delivered above its ack floor (a message that just dropped the connection is among
+/// them, however far behind the floor is); an older unreadable message waits for
+/// `max_redeliveries`.
 const SCAN_LIMIT: u64 = 4096;
 
 /// How many messages a [`scan`] reads at once.
@@ -146,13 +148,13 @@ pub(super) fn client_can_parse(block: &[u8]) -> bool {
     true
 }
 
-/// After the instance's connection came back: reads every message the group was
-/// delivered above its ack floor (up to [`SCAN_LIMIT`]) raw from the stream, and
+/// After the instance's connection came back: reads the messages the group was
+/// delivered above its ack floor (the newest [`SCAN_LIMIT`]) raw from the stream, and
 /// records and terminates those the client cannot read. Returns how many it found.
 pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64) -> usize {
     let stream = ctx.inner.config.stream.as_str();
-    let last = delivered.min(floor.saturating_add(SCAN_LIMIT));
-    let unreadable: Vec<(u64, Raw)> = futures::stream::iter(floor.saturating_add(1)..=last)
+    let first = scan_from(floor, delivered);
+    let unreadable: Vec<(u64, Raw)> = futures::stream::iter(first..=delivered)
         .map(|sequence| async move { (sequence, fetch(&ctx.nats, stream, sequence).await) })
         .buffered(SCAN_CONCURRENCY)
         .filter_map(|(sequence, raw)| async move {
@@ -179,6 +181,14 @@ pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64) -> usize {
         terminate(ctx, *sequence).await;
     }
     unreadable.len()
+}
+
+/// The first stream sequence a [`scan`] reads: above the ack `floor`, and at most
+/// [`SCAN_LIMIT`] below the last `delivered`.
+fn scan_from(floor: u64, delivered: u64) -> u64 {
+    floor
+        .saturating_add(1)
+        .max(delivered.saturating_sub(SCAN_LIMIT - 1))
 }
 
 /// Tells JetStream never to deliver the message at `sequence` to the group again: the
@@ -296,6 +306,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!((advisory.stream_seq, advisory.deliveries), (42, 5));
+    }
+
+    #[test]
+    fn a_scan_reads_the_newest_deliveries_above_the_floor() {
+        assert_eq!(scan_from(10, 20), 11);
+        assert_eq!(scan_from(0, SCAN_LIMIT), 1);
+        assert_eq!(scan_from(0, SCAN_LIMIT + 1), 2);
+        assert_eq!(scan_from(5, 100_000), 100_001 - SCAN_LIMIT);
+        // Nothing above the floor: an empty range.
+        assert!(scan_from(20, 20) > 20);
     }
 
     #[test]
