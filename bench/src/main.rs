@@ -15,7 +15,12 @@
 //! the relay and end-to-end stages (unless `--only` names others) against three-replica
 //! streams, the raw baselines too.
 //!
-//! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio).
+//! `--rounds N` sets how many interleaved rounds of the relay drain and the raw
+//! pipelined publish are counted (3 in the full run), after one warm-up round.
+//!
+//! Output: a table, then one JSON line per figure (name, value, unit, baseline, ratio,
+//! and for figures measured in interleaved rounds the lowest and highest ratio of a
+//! single round, `ratio_spread`).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
 mod raw;
@@ -38,6 +43,9 @@ pub struct Figure {
     pub ratio_meaning: &'static str,
     /// The ratio as the meaning says.
     pub ratio: Option<f64>,
+    /// The lowest and highest ratio of single rounds, for a figure measured in
+    /// interleaved rounds: how far one round strays from the median.
+    pub spread: Option<(f64, f64)>,
 }
 
 /// How big a run is.
@@ -100,11 +108,20 @@ fn main() -> std::process::ExitCode {
     if args.get(1).map(String::as_str) == Some("--relay-child") {
         return stages::relay_child(args.get(2).map(String::as_str));
     }
-    let scale = if args.iter().any(|a| a == "--quick") {
+    let mut scale = if args.iter().any(|a| a == "--quick") {
         Scale::quick()
     } else {
         Scale::full()
     };
+    if let Some(rounds) = args.iter().position(|a| a == "--rounds") {
+        match args.get(rounds + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => scale.relay_rounds = n,
+            _ => {
+                eprintln!("--rounds takes a number of rounds, 1 or more");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let cluster = args.iter().any(|a| a == "--cluster");
     if args.iter().any(|a| a == "--recorder") {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -176,18 +193,21 @@ async fn start_cluster() -> edupulse_fault_suite::cluster::NatsCluster {
 fn print_table(figures: &[Figure]) {
     println!();
     println!(
-        "{:<58} {:>14} {:>14} {:>8}  unit / ratio meaning",
-        "figure", "edupulse", "raw", "ratio"
+        "{:<58} {:>14} {:>14} {:>8} {:>11}  unit / ratio meaning",
+        "figure", "edupulse", "raw", "ratio", "rounds"
     );
-    println!("{}", "-".repeat(130));
+    println!("{}", "-".repeat(142));
     for f in figures {
         println!(
-            "{:<58} {:>14} {:>14} {:>8}  {} / {}",
+            "{:<58} {:>14} {:>14} {:>8} {:>11}  {} / {}",
             f.name,
             format_value(f.value),
             f.baseline.map(format_value).unwrap_or_else(|| "-".into()),
             f.ratio
                 .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            f.spread
+                .map(|(low, high)| format!("{low:.2}-{high:.2}"))
                 .unwrap_or_else(|| "-".into()),
             f.unit,
             f.ratio_meaning
@@ -211,6 +231,7 @@ fn json_line(f: &Figure) -> String {
         "unit": f.unit,
         "baseline": f.baseline,
         "ratio": f.ratio,
+        "ratio_spread": f.spread.map(|(low, high)| [low, high]),
         "ratio_meaning": f.ratio_meaning,
     })
     .to_string()

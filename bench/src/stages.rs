@@ -228,6 +228,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The lowest and the highest ratio of single rounds: `ratio(ours, raw)` of each pair
+/// of `ours` and `raw` round times, taken in the same round.
+fn spread(ours: &[f64], raw: &[f64], ratio: impl Fn(f64, f64) -> f64) -> Option<(f64, f64)> {
+    let ratios: Vec<f64> = ours.iter().zip(raw).map(|(&o, &r)| ratio(o, r)).collect();
+    let low = ratios.iter().copied().reduce(f64::min)?;
+    let high = ratios.iter().copied().reduce(f64::max)?;
+    Some((low, high))
+}
+
 /// How often a long wait says how far it got.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -538,6 +547,13 @@ async fn emit(
             micros(&times[3]),
         );
         let [raw_t, ours_t, quiet_t, busy_t] = times;
+        let time_ratio = |ours: f64, raw: f64| ours / raw;
+        let (ours_spread, quiet_spread, busy_spread) = (
+            spread(&ours_t, &raw_t, time_ratio),
+            spread(&quiet_t, &raw_t, time_ratio),
+            spread(&busy_t, &raw_t, time_ratio),
+        );
+        let rate_spread = spread(&ours_t, &raw_t, |ours, raw| raw / ours);
         let (raw_s, ours_s, quiet_s, busy_s) = (
             median(raw_t),
             median(ours_t),
@@ -551,6 +567,7 @@ async fn emit(
             baseline: Some(raw_s * 1e6),
             ratio_meaning: "edupulse time / raw insert time (target ≤ 1.10)",
             ratio: Some(ours_s / raw_s),
+            spread: ours_spread,
         });
         figures.push(Figure {
             name: format!("emit_in, {writers} writer(s), with notify: throughput"),
@@ -559,6 +576,7 @@ async fn emit(
             baseline: Some(1.0 / raw_s),
             ratio_meaning: "edupulse rate / raw rate",
             ratio: Some(raw_s / ours_s),
+            spread: rate_spread,
         });
         figures.push(Figure {
             name: format!("emit_in, {writers} writer(s), no notify: time per event"),
@@ -567,6 +585,7 @@ async fn emit(
             baseline: Some(raw_s * 1e6),
             ratio_meaning: "edupulse time / raw insert time",
             ratio: Some(quiet_s / raw_s),
+            spread: quiet_spread,
         });
         figures.push(Figure {
             name: format!("emit_in, {writers} writer(s), with notify, relay busy: time per event"),
@@ -575,6 +594,7 @@ async fn emit(
             baseline: Some(raw_s * 1e6),
             ratio_meaning: "edupulse time / raw insert time (target ≤ 1.10)",
             ratio: Some(busy_s / raw_s),
+            spread: busy_spread,
         });
     }
     truncate(notify.pool()).await?;
@@ -627,6 +647,7 @@ async fn batch(service: &EventService, scale: Scale) -> Result<Vec<Figure>, Erro
         }
     }
     truncate(service.pool()).await?;
+    let batch_spread = spread(&ours_t, &raw_t, |ours, raw| raw / ours);
     let (raw_s, ours_s) = (median(raw_t), median(ours_t));
     Ok(vec![Figure {
         name: "emit_all of 500: throughput".into(),
@@ -635,6 +656,7 @@ async fn batch(service: &EventService, scale: Scale) -> Result<Vec<Figure>, Erro
         baseline: Some(500.0 / raw_s),
         ratio_meaning: "edupulse rate / raw multi-row insert rate (target ≥ 0.8)",
         ratio: Some(raw_s / ours_s),
+        spread: batch_spread,
     }])
 }
 
@@ -751,6 +773,7 @@ async fn atomic(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<
             baseline: Some(pipe_rate),
             ratio_meaning: "atomic batch rate / raw pipelined publish rate",
             ratio: Some(rate / pipe_rate),
+            spread: None,
         }
     };
     Ok(vec![
@@ -825,9 +848,15 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
     let n = scale.relay_events;
     // The default drain and the raw pipelined publish, interleaved round by round: the
     // machine's speed drifts between runs by more than the gap being measured.
+    // One round first that is not counted: the first drain of a run warms Postgres'
+    // caches and the server's stream files.
     let mut ours_rounds = Vec::new();
     let mut raw_rounds = Vec::new();
-    for round in 0..scale.relay_rounds {
+    for round in 0..=scale.relay_rounds {
+        if round == 1 {
+            ours_rounds.clear();
+            raw_rounds.clear();
+        }
         ours_rounds.push(drain(env, n, RelaySettings::default(), "default settings").await?);
         let messages = raw_messages(&env.prefix, "rawpipe", n)?;
         let acked = AtomicU64::new(0);
@@ -842,11 +871,17 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         .await?;
         let took = started.elapsed().as_secs_f64();
         eprintln!(
-            "  [relay] round {round}: raw pipelined: {n} in {took:.2} s; ratio {:.2}",
-            took / ours_rounds[round]
+            "  [relay] round {round}{}: raw pipelined: {n} in {took:.2} s; ratio {:.2}",
+            if round == 0 {
+                " (warm-up, not counted)"
+            } else {
+                ""
+            },
+            took / ours_rounds[ours_rounds.len() - 1]
         );
         raw_rounds.push(took);
     }
+    let relay_spread = spread(&ours_rounds, &raw_rounds, |ours, raw| raw / ours);
     let ours = median(ours_rounds);
     let pipelined = median(raw_rounds);
     let big = RelaySettings {
@@ -887,8 +922,9 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             value: ours_rate,
             unit: "events/s",
             baseline: Some(pipe_rate),
-            ratio_meaning: "edupulse rate / raw pipelined publish rate (target ≥ 0.7)",
+            ratio_meaning: "edupulse rate / raw pipelined publish rate (target ≥ 0.8)",
             ratio: Some(ours_rate / pipe_rate),
+            spread: relay_spread,
         },
         Figure {
             name: "relay drain vs raw publish awaiting each ack".into(),
@@ -897,6 +933,7 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             baseline: Some(seq_rate),
             ratio_meaning: "edupulse rate / raw one-ack-at-a-time rate",
             ratio: Some(ours_rate / seq_rate),
+            spread: None,
         },
         Figure {
             name: format!("relay drain of {n}, batch_size 4000 vs raw pipelined"),
@@ -905,6 +942,7 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             baseline: Some(pipe_rate),
             ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
             ratio: Some(big_rate / pipe_rate),
+            spread: None,
         },
         Figure {
             name: format!("relay drain of {n}, retention 0 (delete on publish) vs raw pipelined"),
@@ -913,6 +951,7 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             baseline: Some(pipe_rate),
             ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
             ratio: Some(delete_rate / pipe_rate),
+            spread: None,
         },
     ])
 }
@@ -1348,6 +1387,7 @@ async fn end_to_end(
                 _ => "edupulse latency / raw LISTEN/NOTIFY pipeline latency",
             },
             ratio: Some(o / r),
+            spread: None,
         });
     }
     for p in [50.0, 99.0] {
@@ -1359,6 +1399,7 @@ async fn end_to_end(
             baseline: Some(o),
             ratio_meaning: "share of commit→handler at the same percentile",
             ratio: Some(w / o),
+            spread: None,
         });
     }
     figures.push(Figure {
@@ -1368,6 +1409,7 @@ async fn end_to_end(
         baseline: None,
         ratio_meaning: "should be near the p50 above",
         ratio: None,
+        spread: None,
     });
     // The highest steady rate at which p99 stays under 50 ms; each step on a stream of
     // its own, with a relay of its own.
@@ -1415,6 +1457,7 @@ async fn end_to_end(
         baseline: None,
         ratio_meaning: "-",
         ratio: None,
+        spread: None,
     });
     Ok(figures)
 }
@@ -1528,6 +1571,7 @@ async fn consume(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec
         baseline: Some(n as f64 / raw_s),
         ratio_meaning: "edupulse rate / raw rate (target ≥ 0.6)",
         ratio: Some(raw_s / ours_s),
+        spread: None,
     }])
 }
 
@@ -1583,6 +1627,7 @@ async fn memory(env: &Env, scale: Scale) -> Result<Vec<Figure>, Error> {
             baseline: None,
             ratio_meaning: "target < 100 MB",
             ratio: None,
+            spread: None,
         },
         Figure {
             name: format!("relay drain rate over {} pending", scale.memory_events),
@@ -1591,6 +1636,7 @@ async fn memory(env: &Env, scale: Scale) -> Result<Vec<Figure>, Error> {
             baseline: None,
             ratio_meaning: "-",
             ratio: None,
+            spread: None,
         },
     ])
 }
