@@ -23,6 +23,7 @@
 //! single round, `ratio_spread`).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
+mod cpu;
 mod raw;
 mod stages;
 

@@ -1,5 +1,6 @@
 //! The measured stages, each framework figure beside its raw baseline.
 
+use crate::cpu::Cpu;
 use crate::raw::{self, RawMessage, RawRow};
 use crate::{percentile_ms, Figure, Scale};
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -790,10 +791,18 @@ async fn atomic(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<
 
 /// Drains `n` pre-filled events with a relay of these settings; returns the seconds
 /// from `start_relay` until the relay has marked the last one.
-async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Result<f64, Error> {
+/// Drains `n` prefilled events with a relay of `settings`: the seconds it took and the
+/// CPU it used meanwhile (see [`Cpu`]).
+async fn drain(
+    env: &Env,
+    n: usize,
+    settings: RelaySettings,
+    label: &str,
+) -> Result<(f64, Cpu), Error> {
     let service = env.service(true, settings).await?;
     truncate(service.pool()).await?;
     prefill("relay", &service, n).await?;
+    let cpu = Cpu::now();
     let relay = service.start_relay().await.expect("the relay starts");
     // The relay's own counter: polling count(*) over the outbox would load the Postgres
     // the relay is measured against.
@@ -806,6 +815,7 @@ async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Res
         || relay.published(),
     )
     .await;
+    let cpu = Cpu::now() - cpu;
     let took = match took {
         Ok(took) => took,
         Err(error) => {
@@ -823,7 +833,7 @@ async fn drain(env: &Env, n: usize, settings: RelaySettings, label: &str) -> Res
         n as f64 / took.as_secs_f64()
     );
     truncate(service.pool()).await?;
-    Ok(took.as_secs_f64())
+    Ok((took.as_secs_f64(), cpu))
 }
 
 /// Shuts a relay down (with a deadline) and checks that it left nothing pending.
@@ -852,14 +862,18 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
     // caches and the server's stream files.
     let mut ours_rounds = Vec::new();
     let mut raw_rounds = Vec::new();
+    // The CPU each side used, over the counted rounds.
+    let (mut ours_cpu, mut raw_cpu) = (Cpu::default(), Cpu::default());
     for round in 0..=scale.relay_rounds {
         if round == 1 {
             ours_rounds.clear();
             raw_rounds.clear();
         }
-        ours_rounds.push(drain(env, n, RelaySettings::default(), "default settings").await?);
+        let (took, cpu) = drain(env, n, RelaySettings::default(), "default settings").await?;
+        ours_rounds.push(took);
         let messages = raw_messages(&env.prefix, "rawpipe", n)?;
         let acked = AtomicU64::new(0);
+        let before = Cpu::now();
         let started = Instant::now();
         bounded(
             "relay",
@@ -870,6 +884,10 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         )
         .await?;
         let took = started.elapsed().as_secs_f64();
+        if round > 0 {
+            ours_cpu = ours_cpu + cpu;
+            raw_cpu = raw_cpu + (Cpu::now() - before);
+        }
         eprintln!(
             "  [relay] round {round}{}: raw pipelined: {n} in {took:.2} s; ratio {:.2}",
             if round == 0 {
@@ -888,12 +906,12 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         batch_size: 4_000,
         ..RelaySettings::default()
     };
-    let ours_big = drain(env, n, big, "batch_size 4000").await?;
+    let (ours_big, _) = drain(env, n, big, "batch_size 4000").await?;
     let delete = RelaySettings {
         retention: Duration::ZERO,
         ..RelaySettings::default()
     };
-    let ours_delete = drain(env, n, delete, "retention 0").await?;
+    let (ours_delete, _) = drain(env, n, delete, "retention 0").await?;
 
     let messages = raw_messages(&env.prefix, "rawseq", scale.sequential_publishes)?;
     let acked = AtomicU64::new(0);
@@ -913,7 +931,37 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
     let delete_rate = n as f64 / ours_delete;
     let pipe_rate = n as f64 / pipelined;
     let seq_rate = scale.sequential_publishes as f64 / sequential;
-    Ok(vec![
+    let events = n * scale.relay_rounds;
+    let (ours_ms, raw_ms) = (ours_cpu.per_thousand(events), raw_cpu.per_thousand(events));
+    eprintln!(
+        "  [relay] CPU ms per 1,000 events (bench process / postgres / nats-server): \
+         relay {:.1} / {:.1} / {:.1}, raw pipelined {:.1} / {:.1} / {:.1}",
+        ours_ms[0], ours_ms[1], ours_ms[2], raw_ms[0], raw_ms[1], raw_ms[2]
+    );
+    let cpu_figure = |part: &str, ours: f64, raw: f64| Figure {
+        name: format!("relay drain vs raw pipelined: CPU of {part}"),
+        value: ours,
+        unit: "CPU ms / 1,000 events",
+        baseline: Some(raw),
+        ratio_meaning: "edupulse CPU / raw CPU",
+        ratio: (raw > 0.0).then(|| ours / raw),
+        spread: None,
+    };
+    let cpu_figures = [
+        cpu_figure(
+            "the bench process (relay or publisher)",
+            ours_ms[0],
+            raw_ms[0],
+        ),
+        cpu_figure("postgres", ours_ms[1], raw_ms[1]),
+        cpu_figure("nats-server", ours_ms[2], raw_ms[2]),
+        cpu_figure(
+            "all three",
+            ours_cpu.total().as_secs_f64() * 1e6 / events as f64,
+            raw_cpu.total().as_secs_f64() * 1e6 / events as f64,
+        ),
+    ];
+    let mut figures = vec![
         Figure {
             name: format!(
                 "relay drain of {n} (acked and marked) vs raw pipelined, median of {}",
@@ -953,7 +1001,9 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             ratio: Some(delete_rate / pipe_rate),
             spread: None,
         },
-    ])
+    ];
+    figures.extend(cpu_figures);
+    Ok(figures)
 }
 
 /// Latencies of one steady run, sorted, and the rate achieved.
