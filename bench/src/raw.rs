@@ -85,6 +85,23 @@ pub fn headers(id: Uuid, name: &str, source: &str, subject: &str) -> HeaderMap {
     h
 }
 
+/// Chains `messages` as the relay does: each after the first names the one before it
+/// as the stream's expected last message (`Nats-Expected-Last-Msg-Id`).
+pub fn chain(messages: &mut [RawMessage]) {
+    let mut previous: Option<String> = None;
+    for message in messages {
+        if let Some(previous) = &previous {
+            message
+                .headers
+                .insert("Nats-Expected-Last-Msg-Id", previous.as_str());
+        }
+        previous = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|id| id.as_str().to_owned());
+    }
+}
+
 /// A message ready to publish.
 pub struct RawMessage {
     pub subject: String,

@@ -864,10 +864,14 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
     let mut raw_rounds = Vec::new();
     // The CPU each side used, over the counted rounds.
     let (mut ours_cpu, mut raw_cpu) = (Cpu::default(), Cpu::default());
+    // The raw pipelined publish again, with the relay's chain header: what the chain
+    // costs by itself.
+    let (mut chained_rounds, mut chained_cpu) = (Vec::new(), Cpu::default());
     for round in 0..=scale.relay_rounds {
         if round == 1 {
             ours_rounds.clear();
             raw_rounds.clear();
+            chained_rounds.clear();
         }
         let (took, cpu) = drain(env, n, RelaySettings::default(), "default settings").await?;
         ours_rounds.push(took);
@@ -884,9 +888,25 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         )
         .await?;
         let took = started.elapsed().as_secs_f64();
+        let raw_used = Cpu::now() - before;
+        let mut messages = raw_messages(&env.prefix, "rawchain", n)?;
+        raw::chain(&mut messages);
+        let acked = AtomicU64::new(0);
+        let chain_before = Cpu::now();
+        let started = Instant::now();
+        bounded(
+            "relay",
+            "raw pipelined publishing, chained",
+            Duration::from_secs(60 + n as u64 / 500),
+            Some((&acked, n as u64)),
+            async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
+        )
+        .await?;
+        chained_rounds.push(started.elapsed().as_secs_f64());
         if round > 0 {
             ours_cpu = ours_cpu + cpu;
-            raw_cpu = raw_cpu + (Cpu::now() - before);
+            raw_cpu = raw_cpu + raw_used;
+            chained_cpu = chained_cpu + (Cpu::now() - chain_before);
         }
         eprintln!(
             "  [relay] round {round}{}: raw pipelined: {n} in {took:.2} s; ratio {:.2}",
@@ -900,6 +920,8 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         raw_rounds.push(took);
     }
     let relay_spread = spread(&ours_rounds, &raw_rounds, |ours, raw| raw / ours);
+    let chain_spread = spread(&chained_rounds, &raw_rounds, |chained, raw| raw / chained);
+    let chained = median(chained_rounds);
     let ours = median(ours_rounds);
     let pipelined = median(raw_rounds);
     let big = RelaySettings {
@@ -933,10 +955,20 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
     let seq_rate = scale.sequential_publishes as f64 / sequential;
     let events = n * scale.relay_rounds;
     let (ours_ms, raw_ms) = (ours_cpu.per_thousand(events), raw_cpu.per_thousand(events));
+    let chained_ms = chained_cpu.per_thousand(events);
     eprintln!(
         "  [relay] CPU ms per 1,000 events (bench process / postgres / nats-server): \
-         relay {:.1} / {:.1} / {:.1}, raw pipelined {:.1} / {:.1} / {:.1}",
-        ours_ms[0], ours_ms[1], ours_ms[2], raw_ms[0], raw_ms[1], raw_ms[2]
+         relay {:.1} / {:.1} / {:.1}, raw pipelined {:.1} / {:.1} / {:.1}, raw chained \
+         {:.1} / {:.1} / {:.1}",
+        ours_ms[0],
+        ours_ms[1],
+        ours_ms[2],
+        raw_ms[0],
+        raw_ms[1],
+        raw_ms[2],
+        chained_ms[0],
+        chained_ms[1],
+        chained_ms[2]
     );
     let cpu_figure = |part: &str, ours: f64, raw: f64| Figure {
         name: format!("relay drain vs raw pipelined: CPU of {part}"),
@@ -955,6 +987,15 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         ),
         cpu_figure("postgres", ours_ms[1], raw_ms[1]),
         cpu_figure("nats-server", ours_ms[2], raw_ms[2]),
+        Figure {
+            name: "raw pipelined chained (the relay's header) vs not: CPU of nats-server".into(),
+            value: chained_ms[2],
+            unit: "CPU ms / 1,000 events",
+            baseline: Some(raw_ms[2]),
+            ratio_meaning: "chained CPU / raw CPU",
+            ratio: (raw_ms[2] > 0.0).then(|| chained_ms[2] / raw_ms[2]),
+            spread: None,
+        },
         cpu_figure(
             "all three",
             ours_cpu.total().as_secs_f64() * 1e6 / events as f64,
@@ -973,6 +1014,15 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             ratio_meaning: "edupulse rate / raw pipelined publish rate (target ≥ 0.8)",
             ratio: Some(ours_rate / pipe_rate),
             spread: relay_spread,
+        },
+        Figure {
+            name: format!("raw pipelined of {n} chained (the relay's header) vs not"),
+            value: n as f64 / chained,
+            unit: "events/s",
+            baseline: Some(pipe_rate),
+            ratio_meaning: "chained rate / raw pipelined publish rate",
+            ratio: Some(pipelined / chained),
+            spread: chain_spread,
         },
         Figure {
             name: "relay drain vs raw publish awaiting each ack".into(),
