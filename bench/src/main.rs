@@ -15,6 +15,11 @@
 //! the relay and end-to-end stages (unless `--only` names others) against three-replica
 //! streams, the raw baselines too.
 //!
+//! `--save FILE` writes the run's JSON lines to FILE too; `--compare FILE` then prints
+//! this run's ratios beside that saved run's, figure by figure, and which moved beyond
+//! the spread of their rounds (see `compare`): run `--save` on a pull request's base and
+//! `--compare` on its head, on the same machine, with the same options.
+//!
 //! `--rounds N` sets how many interleaved rounds of the relay drain and the raw
 //! pipelined publish are counted (3 in the full run), after one warm-up round.
 //!
@@ -23,6 +28,7 @@
 //! single round, `ratio_spread`).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
+mod compare;
 mod cpu;
 mod raw;
 mod stages;
@@ -133,6 +139,22 @@ fn main() -> std::process::ExitCode {
         edupulse_events::telemetry::describe_metrics();
         eprintln!("a Prometheus metrics recorder is installed");
     }
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let save = value_of("--save");
+    let before = match value_of("--compare") {
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => Some(compare::read(&text)),
+            Err(error) => {
+                eprintln!("cannot read the saved run {path}: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let only: Option<String> = args
         .iter()
         .position(|a| a == "--only")
@@ -160,8 +182,25 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(figures) => {
             print_table(&figures);
-            for figure in &figures {
-                println!("{}", json_line(figure));
+            let lines: Vec<String> = figures.iter().map(json_line).collect();
+            for line in &lines {
+                println!("{line}");
+            }
+            if let Some(before) = before {
+                println!();
+                println!("compared with the saved run:");
+                for line in compare::report(&before, &figures) {
+                    println!("  {line}");
+                }
+            }
+            if let Some(path) = save {
+                let mut text = lines.join("\n");
+                text.push('\n');
+                if let Err(error) = std::fs::write(&path, text) {
+                    eprintln!("cannot save the run to {path}: {error}");
+                    return std::process::ExitCode::FAILURE;
+                }
+                eprintln!("saved the run's figures to {path}");
             }
             std::process::ExitCode::SUCCESS
         }
