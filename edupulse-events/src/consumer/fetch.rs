@@ -78,6 +78,10 @@ pub(super) async fn run(
     carried: Carried,
 ) -> Option<Carried> {
     let mut fetcher = Fetcher::start(ctx, consumer, stop, listener, carried);
+    // What was carried has had no progress since the last client died: send it now,
+    // before the scan and the first pull.
+    fetcher.gate.progress().await;
+    fetcher.ctx.progress_queued().await;
     let ended = fetcher.fetch().await;
     fetcher.shut_down(ended).await
 }
@@ -306,12 +310,18 @@ impl Fetcher {
                 return;
             }
         };
-        let found = undeliverable::scan(
-            &self.ctx,
-            info.ack_floor.stream_sequence,
-            info.delivered.stream_sequence,
-        )
-        .await;
+        // Nothing delivered and unacked: nothing to find (and a group that started at
+        // new messages has an ack floor of 0 below messages it was never given).
+        let found = if info.num_ack_pending == 0 {
+            0
+        } else {
+            undeliverable::scan(
+                &self.ctx,
+                info.ack_floor.stream_sequence,
+                info.delivered.stream_sequence,
+            )
+            .await
+        };
         if found > 0 {
             tracing::warn!(
                 group = %self.ctx.group, found,
@@ -384,14 +394,22 @@ impl Fetcher {
     /// held messages and the lanes' queued ones are not handed back (that would need
     /// the client) but returned, for the next incarnation.
     async fn shut_down(mut self, ended: Ended) -> Option<Carried> {
+        if ended == Ended::ClientGone {
+            // At once: a lane that took a queued message now would ack it through the
+            // dead client.
+            self.ctx.start_carrying();
+        }
         self.pruner.abort();
         self.replayer.stop(self.ctx.settings.shutdown_timeout).await;
         self.listener.abort();
         if ended == Ended::ClientGone {
             self.ctx.stats.clients_lost.fetch_add(1, Ordering::SeqCst);
-            self.ctx.start_carrying();
             let deadline = Instant::now() + self.ctx.settings.shutdown_timeout;
-            self.lanes.close(&self.ctx, deadline).await;
+            if self.lanes.close(&self.ctx, deadline).await {
+                // An abandoned lane dropped its event in hand and its queue: they come
+                // back after ack_wait, so the gate may not count them as in a lane.
+                self.gate.lanes_lost();
+            }
             let mut queued = self.ctx.carried();
             queued.sort_by_key(|message| message.info().map_or(0, |info| info.stream_sequence));
             let carried = Carried {

@@ -249,11 +249,25 @@ impl Gate {
     }
 
     /// Acks, naks and sends progress for the held messages through `context` from now
-    /// on (the client they came with has died).
+    /// on (the client they came with has died). A client's death is trouble, as a
+    /// leader change is: what it lost in flight comes back only after `ack_wait`, so a
+    /// gate that is catching up gets a full limit again, and a new cap.
     pub fn rebind(&mut self, context: &async_nats::jetstream::Context) {
         for message in self.held.values_mut() {
             message.context = context.clone();
         }
+        if self.catching_up() {
+            let now = Instant::now();
+            self.cap = Some(now + self.limit + ELECTION_GRACE);
+            self.extend(now);
+        }
+    }
+
+    /// Lanes of this instance were abandoned (or ended badly) with what they had: the
+    /// messages handed to them are neither acked nor in a lane any more, so only the
+    /// group's ack floor counts from now on (the next [`Gate::arm`] reads it).
+    pub fn lanes_lost(&mut self) {
+        self.through = 0;
     }
 
     /// Takes the held messages out, in stream order (to hand them back on shutdown).
@@ -452,6 +466,43 @@ mod tests {
         assert!(gate.deadline.unwrap() > soon + Duration::from_secs(30));
         assert_eq!(gate.mark, 14);
         assert_eq!(gate.through, 5);
+    }
+
+    #[tokio::test]
+    async fn a_gate_carried_to_a_new_client_gets_a_new_limit_and_cap() {
+        let old = context().await;
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        assert!(gate.admit(message(&old, 12)).is_none());
+        // The limit and the cap have all but run out when the client dies.
+        let start = Instant::now();
+        gate.deadline = Some(start);
+        gate.cap = Some(start);
+        let new = context().await;
+        gate.rebind(&new);
+        assert!(gate.catching_up());
+        assert!(gate.deadline.unwrap() >= start + catch_up_limit(ACK_WAIT));
+        assert!(gate.cap.unwrap() >= start + catch_up_limit(ACK_WAIT) + ELECTION_GRACE);
+        assert_eq!(gate.held(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_lane_was_lost_only_the_ack_floor_counts() {
+        let context = context().await;
+        let mut gate = Gate::default();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        assert!(gate.admit(message(&context, 5)).is_none());
+        assert!(gate.admit(message(&context, 6)).is_none());
+        // 5 goes to a lane, which is then abandoned with it.
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(5));
+        gate.lanes_lost();
+        gate.arm(Some(&info(10, 4, 6)), ACK_WAIT);
+        assert_eq!(gate.through, 4);
+        // 6 waits for 5 to be acked (it comes back after ack_wait), not only handed to
+        // the lane that was lost.
+        assert!(gate.next_release().is_none());
+        gate.observe(&info(10, 5, 5));
+        assert_eq!(gate.next_release().map(|m| sequence(&m)), Some(6));
     }
 
     #[tokio::test]

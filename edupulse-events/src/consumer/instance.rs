@@ -66,6 +66,11 @@ pub(super) async fn run(mut instance: Instance, config: pull::Config, stop: watc
         let Some(next) = ended.await else {
             return;
         };
+        if instance.ctx.failure.borrow().is_some() {
+            // The instance failed (a lane died) as its client died: it stops; what it
+            // had comes back after ack_wait, to the group's other instances.
+            return;
+        }
         carried = next;
         match reborn(&instance.ctx, &config, stop.clone()).await {
             Some(next) => instance = next,

@@ -70,20 +70,28 @@ impl Lanes {
 
     /// Closes the queues and waits for the lanes to finish the event in hand (and give
     /// queued ones back, or put them aside once the client has died: see
-    /// [`Ctx::start_carrying`]), until `deadline`; a lane still busy then is abandoned.
-    pub async fn close(self, ctx: &Ctx, deadline: Instant) {
+    /// [`Ctx::start_carrying`]), until `deadline`; a lane still busy then is abandoned,
+    /// with its queue. True if a lane was abandoned or ended badly (what it had comes
+    /// back after `ack_wait`).
+    pub async fn close(self, ctx: &Ctx, deadline: Instant) -> bool {
         let (senders, tasks): (Vec<_>, Vec<_>) = self.0.into_iter().unzip();
         drop(senders);
+        let mut lost = false;
         for mut task in tasks {
             match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => ctx.fail(format!("a lane ended badly: {error}")),
+                Ok(Err(error)) => {
+                    lost = true;
+                    ctx.fail(format!("a lane ended badly: {error}"));
+                }
                 Err(_) => {
+                    lost = true;
                     tracing::warn!("a handler did not finish within shutdown_timeout; abandoning it (its event will be redelivered)");
                     task.abort();
                 }
             }
         }
+        lost
     }
 }
 
