@@ -57,6 +57,9 @@ pub(super) struct Carried {
     gate: Gate,
     /// The lanes' queued messages, in stream order.
     queued: Vec<Message>,
+    /// The stream sequence up to which the scans have read every message (see
+    /// `undeliverable::scan`).
+    judged: u64,
 }
 
 impl Carried {
@@ -135,6 +138,8 @@ struct Fetcher {
     connects: u64,
     /// Moves the client to another server when the group cannot be read on this one.
     mover: Mover,
+    /// The stream sequence up to which the scans have read every message.
+    judged: u64,
 }
 
 impl Fetcher {
@@ -152,7 +157,11 @@ impl Fetcher {
         let failure = ctx.failure.subscribe();
         // What the last incarnation had: acked, naked and sent progress through this
         // client from now on, the queued ones back in their lanes first.
-        let Carried { mut gate, queued } = carried;
+        let Carried {
+            mut gate,
+            queued,
+            judged,
+        } = carried;
         let context = async_nats::jetstream::new(ctx.nats.clone());
         gate.rebind(&context);
         for mut message in queued {
@@ -169,6 +178,7 @@ impl Fetcher {
             consumer,
             stop,
             gate,
+            judged,
             lanes,
             pruner,
             replayer,
@@ -315,12 +325,15 @@ impl Fetcher {
         let found = if info.num_ack_pending == 0 {
             0
         } else {
-            undeliverable::scan(
+            let scanned = undeliverable::scan(
                 &self.ctx,
                 info.ack_floor.stream_sequence,
                 info.delivered.stream_sequence,
+                self.judged,
             )
-            .await
+            .await;
+            self.judged = scanned.through;
+            scanned.found
         };
         if found > 0 {
             tracing::warn!(
@@ -415,6 +428,7 @@ impl Fetcher {
             let carried = Carried {
                 gate: self.gate,
                 queued,
+                judged: self.judged,
             };
             tracing::info!(
                 carried = carried.len(),

@@ -148,27 +148,43 @@ pub(super) fn client_can_parse(block: &[u8]) -> bool {
     true
 }
 
+/// What a [`scan`] did.
+pub(super) struct Scanned {
+    /// How many unreadable messages it found.
+    pub found: usize,
+    /// Every sequence up to this one has been read and judged (a stored message never
+    /// changes, so the next scan starts above it).
+    pub through: u64,
+}
+
 /// After the instance's connection came back: reads the messages the group was
-/// delivered above its ack floor (the newest [`SCAN_LIMIT`]) raw from the stream, and
-/// records and terminates those the client cannot read. Returns how many it found.
-pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64) -> usize {
+/// delivered above its ack floor (the newest [`SCAN_LIMIT`], and only those above
+/// `judged`, which an earlier scan read) raw from the stream, and records and
+/// terminates those the client cannot read.
+pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64, judged: u64) -> Scanned {
     let stream = ctx.inner.config.stream.as_str();
-    let first = scan_from(floor, delivered);
-    let unreadable: Vec<(u64, Raw)> = futures::stream::iter(first..=delivered)
+    let first = scan_from(floor, delivered).max(judged.saturating_add(1));
+    let read: Vec<(u64, Result<Raw, String>)> = futures::stream::iter(first..=delivered)
         .map(|sequence| async move { (sequence, fetch(&ctx.nats, stream, sequence).await) })
         .buffered(SCAN_CONCURRENCY)
-        .filter_map(|(sequence, raw)| async move {
-            match raw {
-                Ok(raw) if !raw.1.is_empty() && !client_can_parse(&raw.1) => Some((sequence, raw)),
-                Ok(_) => None,
-                Err(why) => {
-                    tracing::debug!(sequence, error = %why, "cannot read a message back");
-                    None
-                }
-            }
-        })
         .collect()
         .await;
+    // Judged through the last sequence before the first that could not be read.
+    let through = read
+        .iter()
+        .find(|(_, raw)| raw.is_err())
+        .map_or(delivered.max(judged), |(sequence, _)| sequence - 1);
+    let unreadable: Vec<(u64, Raw)> = read
+        .into_iter()
+        .filter_map(|(sequence, raw)| match raw {
+            Ok(raw) if !raw.1.is_empty() && !client_can_parse(&raw.1) => Some((sequence, raw)),
+            Ok(_) => None,
+            Err(why) => {
+                tracing::debug!(sequence, error = %why, "cannot read a message back");
+                None
+            }
+        })
+        .collect();
     let prefix = format!("{}.", ctx.inner.config.subject_prefix);
     for (sequence, raw) in &unreadable {
         let relative = raw.0.strip_prefix(&prefix).unwrap_or(&raw.0);
@@ -180,7 +196,10 @@ pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64) -> usize {
         record(ctx, *sequence, 1, why, raw).await;
         terminate(ctx, *sequence).await;
     }
-    unreadable.len()
+    Scanned {
+        found: unreadable.len(),
+        through,
+    }
 }
 
 /// The first stream sequence a [`scan`] reads: above the ack `floor`, and at most
