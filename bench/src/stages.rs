@@ -795,6 +795,28 @@ async fn atomic(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<
 
 /// Drains `n` pre-filled events with a relay of these settings; returns the seconds
 /// from `start_relay` until the relay has marked the last one.
+/// Publishes `messages` raw, pipelined (the relay stage's baseline, bounded as `what`):
+/// the seconds it took and the CPU used meanwhile.
+async fn publish_pipelined(
+    js: &jetstream::Context,
+    messages: Vec<RawMessage>,
+    what: &str,
+) -> Result<(f64, Cpu), Error> {
+    let n = messages.len() as u64;
+    let acked = AtomicU64::new(0);
+    let before = Cpu::now();
+    let started = Instant::now();
+    bounded(
+        "relay",
+        what,
+        Duration::from_secs(60 + n / 500),
+        Some((&acked, n)),
+        async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
+    )
+    .await?;
+    Ok((started.elapsed().as_secs_f64(), Cpu::now() - before))
+}
+
 /// Drains `n` prefilled events with a relay of `settings`: the seconds it took and the
 /// CPU it used meanwhile (see [`Cpu`]).
 async fn drain(
@@ -880,37 +902,16 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         let (took, cpu) = drain(env, n, RelaySettings::default(), "default settings").await?;
         ours_rounds.push(took);
         let messages = raw_messages(&env.prefix, "rawpipe", n)?;
-        let acked = AtomicU64::new(0);
-        let before = Cpu::now();
-        let started = Instant::now();
-        bounded(
-            "relay",
-            "raw pipelined publishing",
-            Duration::from_secs(60 + n as u64 / 500),
-            Some((&acked, n as u64)),
-            async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
-        )
-        .await?;
-        let took = started.elapsed().as_secs_f64();
-        let raw_used = Cpu::now() - before;
+        let (took, raw_used) = publish_pipelined(js, messages, "raw pipelined publishing").await?;
         let mut messages = raw_messages(&env.prefix, "rawchain", n)?;
         raw::chain(&mut messages);
-        let acked = AtomicU64::new(0);
-        let chain_before = Cpu::now();
-        let started = Instant::now();
-        bounded(
-            "relay",
-            "raw pipelined publishing, chained",
-            Duration::from_secs(60 + n as u64 / 500),
-            Some((&acked, n as u64)),
-            async { Ok(raw::publish_pipelined(js, messages, &acked).await?) },
-        )
-        .await?;
-        chained_rounds.push(started.elapsed().as_secs_f64());
+        let (chained_took, chained_used) =
+            publish_pipelined(js, messages, "raw pipelined publishing, chained").await?;
+        chained_rounds.push(chained_took);
         if round > 0 {
             ours_cpu = ours_cpu + cpu;
             raw_cpu = raw_cpu + raw_used;
-            chained_cpu = chained_cpu + (Cpu::now() - chain_before);
+            chained_cpu = chained_cpu + chained_used;
         }
         eprintln!(
             "  [relay] round {round}{}: raw pipelined: {n} in {took:.2} s; ratio {:.2}",
