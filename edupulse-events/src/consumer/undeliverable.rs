@@ -164,27 +164,26 @@ pub(super) struct Scanned {
 pub(super) async fn scan(ctx: &Ctx, floor: u64, delivered: u64, judged: u64) -> Scanned {
     let stream = ctx.inner.config.stream.as_str();
     let first = scan_from(floor, delivered).max(judged.saturating_add(1));
-    let read: Vec<(u64, Result<Raw, String>)> = futures::stream::iter(first..=delivered)
+    // The first sequence that could not be read: judged through the one before it.
+    let mut failed: Option<u64> = None;
+    let unreadable: Vec<(u64, Raw)> = futures::stream::iter(first..=delivered)
         .map(|sequence| async move { (sequence, fetch(&ctx.nats, stream, sequence).await) })
         .buffered(SCAN_CONCURRENCY)
+        .filter_map(|(sequence, raw)| {
+            let kept = match raw {
+                Ok(raw) if !raw.1.is_empty() && !client_can_parse(&raw.1) => Some((sequence, raw)),
+                Ok(_) => None,
+                Err(why) => {
+                    tracing::debug!(sequence, error = %why, "cannot read a message back");
+                    failed.get_or_insert(sequence);
+                    None
+                }
+            };
+            std::future::ready(kept)
+        })
         .collect()
         .await;
-    // Judged through the last sequence before the first that could not be read.
-    let through = read
-        .iter()
-        .find(|(_, raw)| raw.is_err())
-        .map_or(delivered.max(judged), |(sequence, _)| sequence - 1);
-    let unreadable: Vec<(u64, Raw)> = read
-        .into_iter()
-        .filter_map(|(sequence, raw)| match raw {
-            Ok(raw) if !raw.1.is_empty() && !client_can_parse(&raw.1) => Some((sequence, raw)),
-            Ok(_) => None,
-            Err(why) => {
-                tracing::debug!(sequence, error = %why, "cannot read a message back");
-                None
-            }
-        })
-        .collect();
+    let through = failed.map_or(delivered.max(judged), |sequence| sequence - 1);
     let prefix = format!("{}.", ctx.inner.config.subject_prefix);
     for (sequence, raw) in &unreadable {
         let relative = raw.0.strip_prefix(&prefix).unwrap_or(&raw.0);
