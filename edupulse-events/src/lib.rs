@@ -105,7 +105,9 @@ pub use registry::{
     registry, DecodeError, DecodedEvent, DuplicateName, EventType, MissingPredecessor, Registry,
     RegistryError,
 };
-pub use relay::{RelayError, RelayHandle, RelaySettings, RelayStatus, RELAY_LEADER_LOCK};
+pub use relay::{
+    AtomicBatches, RelayError, RelayHandle, RelaySettings, RelayStatus, RELAY_LEADER_LOCK,
+};
 pub use service::{ConnectError, ConnectErrorKind, EventService};
 pub use subject::{check_token, TokenProblem, MAX_TOKEN_LEN};
 pub use support::sql::SCHEMA;

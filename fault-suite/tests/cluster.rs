@@ -262,6 +262,21 @@ async fn scenario(name: &'static str, binary: &str, fault: Fault) -> Report {
     }
     let stats = join_writers(writers).await;
     run.say(format!("writers {stats:?}"));
+    // From 2.12 on, a replicated stream gets atomic batches (the relay's default, Auto).
+    let atomic_batches = relay.atomic_batches();
+    run.say(format!(
+        "relay: published {}, sent {}, {atomic_batches} atomic batches",
+        relay.published(),
+        relay.sent()
+    ));
+    let offers_atomic = version_of(binary)
+        .and_then(|v| version_number(&v))
+        .is_some_and(|v| v >= (2, 12, 0));
+    assert_eq!(
+        atomic_batches > 0,
+        offers_atomic,
+        "atomic batches on a three-replica stream exactly when the server offers them"
+    );
     let report = run
         .finish(&check_pool, &env, &history, async {
             consumer.shutdown().await.expect("consumer shutdown");

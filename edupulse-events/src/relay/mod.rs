@@ -11,6 +11,7 @@
 //! connection of its own), [`prune`] (published rows past the retention), [`wake`]
 //! (the idle flag and LISTEN). [`leader`] runs them in a loop.
 
+mod atomic;
 mod election;
 mod fence;
 mod leader;
@@ -22,7 +23,7 @@ mod settings;
 mod wake;
 
 pub use election::RELAY_LEADER_LOCK;
-pub use settings::RelaySettings;
+pub use settings::{AtomicBatches, RelaySettings};
 
 use crate::service::EventService;
 use crate::support::pg::is_undefined_table;
@@ -48,6 +49,7 @@ struct RelayState {
     published: AtomicU64,
     sent: AtomicU64,
     batches: AtomicU64,
+    atomic_batches: AtomicU64,
     /// What keeps the relay from publishing now, if anything (cleared once it
     /// publishes, stands by or finds nothing to do).
     problem: Mutex<Option<String>>,
@@ -130,6 +132,13 @@ impl RelayHandle {
     /// average batch).
     pub fn batches(&self) -> u64 {
         self.state.batches.load(Ordering::SeqCst)
+    }
+
+    /// How many atomic batches JetStream has stored whole for this relay (see
+    /// [`AtomicBatches`]): zero when the relay publishes each event with its own
+    /// acknowledgement.
+    pub fn atomic_batches(&self) -> u64 {
+        self.state.atomic_batches.load(Ordering::SeqCst)
     }
 
     /// For tests only (feature `test-hooks`): at its next batch the relay publishes,

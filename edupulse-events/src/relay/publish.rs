@@ -55,8 +55,8 @@ pub(super) fn classify(error: &PublishError) -> Failure {
 /// first message of the next batch names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Tail {
-    /// The event with this id (its `Nats-Msg-Id`).
-    MsgId(Uuid),
+    /// The event with this id (its `Nats-Msg-Id`), at this stream sequence.
+    Event { id: Uuid, sequence: u64 },
     /// A message at this stream sequence without an event id, or since removed.
     Sequence(u64),
     /// The stream has never held a message.
@@ -67,16 +67,30 @@ impl Tail {
     /// The header that makes JetStream store a message only right after this one.
     fn expectation(&self) -> Option<(HeaderName, HeaderValue)> {
         match self {
-            Tail::MsgId(id) => Some((
-                NATS_EXPECTED_LAST_MESSAGE_ID,
-                HeaderValue::from(id.hyphenated().to_string()),
-            )),
+            Tail::Event { id, .. } => Some(after_event(*id)),
             Tail::Sequence(sequence) => {
                 Some((NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(*sequence)))
             }
             Tail::Empty => None,
         }
     }
+
+    /// The stream sequence of the last message (0 for a stream that never held one):
+    /// what an atomic batch, which cannot name its predecessor by id, expects.
+    pub(super) fn sequence(&self) -> u64 {
+        match self {
+            Tail::Event { sequence, .. } | Tail::Sequence(sequence) => *sequence,
+            Tail::Empty => 0,
+        }
+    }
+}
+
+/// The header that makes JetStream store a message only right after the event `id`.
+fn after_event(id: Uuid) -> (HeaderName, HeaderValue) {
+    (
+        NATS_EXPECTED_LAST_MESSAGE_ID,
+        HeaderValue::from(id.hyphenated().to_string()),
+    )
 }
 
 /// The relay cannot read the stream's last message to chain its next batch to it.
@@ -152,7 +166,7 @@ pub(super) async fn read_tail(inner: &Inner) -> Result<TailRead, TailError> {
                 .is_some_and(|source| crate::wire::decode_value(&source) == inner.config.source);
             Ok(match id {
                 Some(id) => TailRead {
-                    tail: Tail::MsgId(id),
+                    tail: Tail::Event { id, sequence: last },
                     suspect: (!same_source).then_some(Suspect::OtherSource(id)),
                 },
                 None => by_sequence(Some(Suspect::NotAnEvent)),
@@ -213,24 +227,20 @@ pub(super) async fn publish_one_by_one(
     (results, foreign)
 }
 
-/// Sends one event, chained to `previous` if given.
+/// Sends one event with the expectation header `expect`, if given.
 async fn send(
     inner: &Inner,
     row: &mut OutboxRow,
-    previous: Option<&Tail>,
+    expect: Option<(HeaderName, HeaderValue)>,
 ) -> Result<PublishAckFuture, Failure> {
-    let prefix = &inner.config.subject_prefix;
     let mut headers = row
         .envelope()
         .header_map()
         .map_err(|why| Failure::Permanent(why.to_string()))?;
-    if let Some((name, value)) = previous.and_then(Tail::expectation) {
+    if let Some((name, value)) = expect {
         headers.insert(name, value);
     }
-    let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
-    subject.push_str(prefix);
-    subject.push('.');
-    subject.push_str(&row.subject);
+    let subject = full_subject(inner, row);
     // The body is not needed after this: a failed event is read again.
     let payload = Bytes::from(std::mem::take(&mut row.payload).into_bytes());
     inner
@@ -240,8 +250,34 @@ async fn send(
         .map_err(|error| classify(&error))
 }
 
-/// Publishes a batch, many acks in flight; one result per row, in order, for the rows
-/// up to the first that could not even be sent.
+/// The subject `row` is published to.
+pub(super) fn full_subject(inner: &Inner, row: &OutboxRow) -> String {
+    let prefix = &inner.config.subject_prefix;
+    let mut subject = String::with_capacity(prefix.len() + 1 + row.subject.len());
+    subject.push_str(prefix);
+    subject.push('.');
+    subject.push_str(&row.subject);
+    subject
+}
+
+/// What publishing a batch gave: one result per row, in order, for the rows up to the
+/// first that could not even be sent.
+#[derive(Debug, Default)]
+pub(super) struct Published {
+    /// One result per row.
+    pub outcome: Vec<Result<(), Failure>>,
+    /// The stream sequence JetStream gave the last row, when every row went through.
+    pub last_sequence: Option<u64>,
+}
+
+impl Published {
+    /// Whether every event of `batch` went through.
+    pub fn whole(&self, batch: &[OutboxRow]) -> bool {
+        self.outcome.len() == batch.len() && self.outcome.iter().all(Result::is_ok)
+    }
+}
+
+/// Publishes a batch, many acks in flight.
 ///
 /// Each message names its predecessor as the stream's expected last message: the
 /// previous event of the batch, and for the first, the stream's last message (`tail`).
@@ -259,14 +295,14 @@ pub(super) async fn publish(
     batch: &mut [OutboxRow],
     tail: &Tail,
     sent_count: &AtomicU64,
-) -> Vec<Result<(), Failure>> {
+) -> Published {
     let mut sent: Vec<Result<PublishAckFuture, Failure>> = Vec::with_capacity(batch.len());
-    let mut previous = tail.clone();
+    let mut expect = tail.expectation();
     for row in batch.iter_mut() {
-        match send(inner, row, Some(&previous)).await {
+        match send(inner, row, expect.clone()).await {
             Ok(ack) => {
                 sent_count.fetch_add(1, Ordering::Relaxed);
-                previous = Tail::MsgId(row.id);
+                expect = Some(after_event(row.id));
                 sent.push(Ok(ack));
             }
             Err(failure) => {
@@ -280,13 +316,21 @@ pub(super) async fn publish(
             }
         }
     }
-    futures::future::join_all(sent.into_iter().map(|sent| async move {
+    let acks = futures::future::join_all(sent.into_iter().map(|sent| async move {
         match sent {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(&e)),
+            Ok(ack) => ack.await.map(|ack| ack.sequence).map_err(|e| classify(&e)),
             Err(failure) => Err(failure),
         }
     }))
-    .await
+    .await;
+    let last_sequence = match acks.last() {
+        Some(Ok(sequence)) if acks.len() == batch.len() => Some(*sequence),
+        _ => None,
+    };
+    Published {
+        outcome: acks.into_iter().map(|ack| ack.map(|_| ())).collect(),
+        last_sequence,
+    }
 }
 
 #[cfg(test)]
@@ -342,7 +386,9 @@ mod tests {
     #[test]
     fn the_tail_names_the_predecessor_by_id_or_sequence() {
         let id = Uuid::now_v7();
-        let (name, value) = Tail::MsgId(id).expectation().expect("a header");
+        let (name, value) = Tail::Event { id, sequence: 7 }
+            .expectation()
+            .expect("a header");
         assert_eq!(name.to_string(), "Nats-Expected-Last-Msg-Id");
         assert_eq!(value.as_str(), id.to_string());
         let (name, value) = Tail::Sequence(42).expectation().expect("a header");

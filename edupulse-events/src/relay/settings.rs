@@ -40,6 +40,32 @@ pub struct RelaySettings {
     /// taken for dead and dropped: a connection that stalls without failing would
     /// otherwise hang the relay. Keep it above the slowest batch read. Default 30 s.
     pub statement_timeout: Duration,
+    /// Whether the relay publishes its batches as JetStream atomic batches. Default
+    /// [`AtomicBatches::Auto`].
+    pub atomic_batches: AtomicBatches,
+}
+
+/// Whether the relay publishes its batches as JetStream atomic batches (nats-server
+/// 2.12 and later): up to 1,000 events stored whole or not at all, with one
+/// acknowledgement.
+///
+/// On a replicated stream that is faster than publishing each event with its own
+/// acknowledgement (one round of the quorum per 1,000 events instead of one per
+/// event); on a single server it is slower (the server stages a batch before it stores
+/// it). Either way the order and the chain hold: see the README's "Deployment".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AtomicBatches {
+    /// Where they pay: on a stream of more than one replica, on a server that offers
+    /// them, when the stream allows them. A stream that `connect` creates allows them
+    /// then.
+    #[default]
+    Auto,
+    /// Always: `connect` creates the stream allowing them, and refuses to start when
+    /// the server is older than 2.12 or the existing stream does not allow them.
+    Always,
+    /// Never: each event is published with its own acknowledgement.
+    Never,
 }
 
 impl Default for RelaySettings {
@@ -58,6 +84,7 @@ impl Default for RelaySettings {
             order_wait_limit: Duration::from_secs(30),
             yield_after: Duration::from_secs(30),
             statement_timeout: Duration::from_secs(30),
+            atomic_batches: AtomicBatches::Auto,
         }
     }
 }

@@ -28,6 +28,9 @@ pub(crate) struct Inner {
     pub jetstream: jetstream::Context,
     /// The largest message (headers and body) that NATS and the stream accept.
     pub max_message: usize,
+    /// Whether the relay publishes atomic batches (see
+    /// [`AtomicBatches`](crate::AtomicBatches)).
+    pub atomic: bool,
     /// Writes into the outbox (the same pool and config).
     pub emitter: Emitter,
 }
@@ -90,6 +93,20 @@ pub enum ConnectError {
         /// What failed.
         reason: String,
     },
+    /// The server lacks a feature the configuration asks for.
+    #[error("nats-server {version} at {target} has no {feature}, which needs nats-server {needs} or later; upgrade the server or {instead}")]
+    ServerTooOld {
+        /// The NATS URL, credentials redacted.
+        target: String,
+        /// The version the server reports.
+        version: String,
+        /// The feature.
+        feature: &'static str,
+        /// The first version that has it.
+        needs: &'static str,
+        /// The setting to change instead.
+        instead: &'static str,
+    },
     /// The stream exists with settings that conflict with this configuration.
     #[error("stream {stream} conflicts with this service's configuration: {differences}; change the stream with `nats stream edit`, delete it, or configure another stream name")]
     StreamConflict {
@@ -107,7 +124,9 @@ impl ConnectError {
             ConnectError::Registry(_) => ConnectErrorKind::Registry,
             ConnectError::Postgres { .. } => ConnectErrorKind::Postgres,
             ConnectError::Nats { .. } => ConnectErrorKind::Nats,
-            ConnectError::JetStream { .. } => ConnectErrorKind::JetStream,
+            ConnectError::JetStream { .. } | ConnectError::ServerTooOld { .. } => {
+                ConnectErrorKind::JetStream
+            }
             ConnectError::StreamConflict { .. } => ConnectErrorKind::StreamConflict,
         }
     }
@@ -169,9 +188,9 @@ impl EventService {
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.relay.ack_timeout)
             .build(nats.clone());
-        let stream_limit = stream::ensure(&config, &jetstream).await?;
+        let stream = stream::ensure(&config, &jetstream).await?;
         let mut max_message = nats.max_payload();
-        if let Some(limit) = stream_limit {
+        if let Some(limit) = stream.max_message {
             max_message = max_message.min(limit);
         }
         tracing::info!(
@@ -179,6 +198,7 @@ impl EventService {
             stream = %config.stream,
             prefix = %config.subject_prefix,
             max_message,
+            atomic_batches = stream.atomic,
             "edupulse event service connected"
         );
         let emitter = Emitter::new(config.clone(), pool.clone(), max_message);
@@ -191,6 +211,7 @@ impl EventService {
                 nats,
                 jetstream,
                 max_message,
+                atomic: stream.atomic,
             }),
         })
     }

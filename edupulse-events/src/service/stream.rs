@@ -2,17 +2,38 @@
 
 use super::ConnectError;
 use crate::config::{Config, StreamPlacement};
+use crate::relay::AtomicBatches;
 use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream, ErrorCode};
 
-/// Makes sure the stream exists and captures `{prefix}.>`; returns its message size
-/// limit, if it has one.
+/// The stream as [`ensure`] found or made it.
+pub(super) struct Ensured {
+    /// Its message size limit, if it has one.
+    pub max_message: Option<usize>,
+    /// Whether the relay publishes atomic batches to it.
+    pub atomic: bool,
+}
+
+/// Makes sure the stream exists and captures `{prefix}.>`; says what the relay may
+/// send it.
 pub(super) async fn ensure(
     config: &Config,
     js: &jetstream::Context,
-) -> Result<Option<usize>, ConnectError> {
+) -> Result<Ensured, ConnectError> {
+    let version = js.client().server_info().version;
+    let offered = offers_atomic(&version);
+    let wanted = wants_atomic(config);
+    if config.relay.atomic_batches == AtomicBatches::Always && !offered {
+        return Err(ConnectError::ServerTooOld {
+            target: config.nats_url_redacted(),
+            version,
+            feature: "atomic batch publish",
+            needs: "2.12",
+            instead: "set the relay's atomic_batches to Auto",
+        });
+    }
     let found = match existing(config, js).await? {
         Some(found) => found,
-        None => create(config, js).await?,
+        None => create(config, js, wanted && offered).await?,
     };
     let differences = differences(config, &found);
     if !differences.is_empty() {
@@ -21,9 +42,40 @@ pub(super) async fn ensure(
             differences: differences.join("; "),
         });
     }
-    Ok(usize::try_from(found.max_message_size)
-        .ok()
-        .filter(|limit| *limit > 0))
+    if wanted && offered && !found.allow_atomic_publish {
+        tracing::info!(
+            stream = %config.stream,
+            "the stream does not allow atomic batches (allow_atomic): the relay publishes each \
+             event with its own acknowledgement, which is slower on a replicated stream"
+        );
+    }
+    Ok(Ensured {
+        max_message: usize::try_from(found.max_message_size)
+            .ok()
+            .filter(|limit| *limit > 0),
+        atomic: wanted && offered && found.allow_atomic_publish,
+    })
+}
+
+/// Whether a server of this version offers atomic batch publish (2.12 and later).
+fn offers_atomic(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|part| part.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 12),
+        _ => false,
+    }
+}
+
+/// Whether the configuration wants the relay to publish atomic batches, where the
+/// server offers them.
+fn wants_atomic(config: &Config) -> bool {
+    match config.relay.atomic_batches {
+        AtomicBatches::Always => true,
+        AtomicBatches::Auto => config.stream_replicas > 1,
+        AtomicBatches::Never => false,
+    }
 }
 
 /// The subjects the stream must capture.
@@ -64,7 +116,11 @@ async fn existing(
 }
 
 /// Creates the stream as the configuration wants it; returns what the server made.
-async fn create(config: &Config, js: &jetstream::Context) -> Result<stream::Config, ConnectError> {
+async fn create(
+    config: &Config,
+    js: &jetstream::Context,
+    allow_atomic: bool,
+) -> Result<stream::Config, ConnectError> {
     let wanted = stream::Config {
         name: config.stream.clone(),
         subjects: vec![subject(config)],
@@ -72,6 +128,7 @@ async fn create(config: &Config, js: &jetstream::Context) -> Result<stream::Conf
         duplicate_window: config.duplicate_window,
         num_replicas: config.stream_replicas,
         placement: config.stream_placement.as_ref().map(placement),
+        allow_atomic_publish: allow_atomic,
         ..Default::default()
     };
     match js.create_stream(&wanted).await {
@@ -155,6 +212,13 @@ fn differences(config: &Config, found: &stream::Config) -> Vec<String> {
             "its retention is {:?}; consumers need Limits",
             found.retention
         ));
+    }
+    if config.relay.atomic_batches == AtomicBatches::Always && !found.allow_atomic_publish {
+        differences.push(
+            "it does not allow atomic batches (allow_atomic), which the relay's atomic_batches \
+             Always needs; allow them on the stream, or set atomic_batches to Auto"
+                .to_owned(),
+        );
     }
     if found.no_ack {
         differences.push(
@@ -284,6 +348,53 @@ mod tests {
         let found = differences(&self::config(), &good);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains("3 replica(s), not 1"), "{found:?}");
+    }
+
+    #[test]
+    fn atomic_batches_where_the_server_offers_them_and_the_configuration_wants_them() {
+        for (version, offered) in [
+            ("2.9.10", false),
+            ("2.11.4", false),
+            ("2.12.0", true),
+            ("2.15.1", true),
+            ("2.12.0-beta.1", true),
+            ("3.0.0", true),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(offers_atomic(version), offered, "{version}");
+        }
+        let with = |replicas: usize, mode: AtomicBatches| {
+            Config::builder("postgres://u@h/db")
+                .stream_replicas(replicas)
+                .relay(crate::RelaySettings {
+                    atomic_batches: mode,
+                    ..Default::default()
+                })
+                .build()
+                .expect("a valid config")
+        };
+        assert!(!wants_atomic(&with(1, AtomicBatches::Auto)));
+        assert!(wants_atomic(&with(3, AtomicBatches::Auto)));
+        assert!(wants_atomic(&with(1, AtomicBatches::Always)));
+        assert!(!wants_atomic(&with(3, AtomicBatches::Never)));
+        // Always needs a stream that allows them; Auto takes one that does not.
+        let always = with(1, AtomicBatches::Always);
+        let plain = stream::Config {
+            name: "EDUPULSE".into(),
+            subjects: vec!["edupulse.>".into()],
+            duplicate_window: always.duplicate_window,
+            ..Default::default()
+        };
+        let found = differences(&always, &plain);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("allow_atomic"), "{found:?}");
+        let allowing = stream::Config {
+            allow_atomic_publish: true,
+            ..plain.clone()
+        };
+        assert!(differences(&always, &allowing).is_empty());
+        assert!(differences(&with(1, AtomicBatches::Auto), &plain).is_empty());
     }
 
     #[test]
