@@ -939,6 +939,17 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
         ..RelaySettings::default()
     };
     let (ours_delete, _) = drain(env, n, delete, "retention 0").await?;
+    // On a replicated stream the default publishes atomic batches (nats-server 2.12+):
+    // the same drain with one acknowledgement per event, for what they bring.
+    let one_ack_each = if replicas() > 1 {
+        let settings = RelaySettings {
+            atomic_batches: edupulse_events::AtomicBatches::Never,
+            ..RelaySettings::default()
+        };
+        Some(drain(env, n, settings, "atomic_batches Never").await?.0)
+    } else {
+        None
+    };
 
     let messages = raw_messages(&env.prefix, "rawseq", scale.sequential_publishes)?;
     let acked = AtomicU64::new(0);
@@ -1055,6 +1066,20 @@ async fn relay(env: &Env, js: &jetstream::Context, scale: Scale) -> Result<Vec<F
             spread: None,
         },
     ];
+    if let Some(took) = one_ack_each {
+        let rate = n as f64 / took;
+        figures.push(Figure {
+            name: format!(
+                "relay drain of {n}, one ack per event (atomic_batches Never) vs raw pipelined"
+            ),
+            value: rate,
+            unit: "events/s",
+            baseline: Some(pipe_rate),
+            ratio_meaning: "edupulse rate / raw pipelined publish rate (not default)",
+            ratio: Some(rate / pipe_rate),
+            spread: None,
+        });
+    }
     figures.extend(cpu_figures);
     Ok(figures)
 }
