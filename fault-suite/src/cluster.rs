@@ -10,7 +10,7 @@
 //! (a minority partition), and healing them lets the explicit routes come back.
 
 use crate::proxy::FaultProxy;
-use edupulse_events_tests::{current_nats_server, free_port, nats_server_binary, signal};
+use edupulse_events_tests::{current_nats_server_for, free_port, nats_server_binary, signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,7 +27,7 @@ pub const NODES: usize = 3;
 /// its version, or why a current one is missing.
 pub fn server_binaries() -> Vec<String> {
     let mut binaries = vec![nats_server_binary()];
-    match current_nats_server() {
+    match current_nats_server_for("the cluster scenarios") {
         Some(current) if !binaries.contains(&current) && version_of(&current).is_some() => {
             binaries.push(current);
         }

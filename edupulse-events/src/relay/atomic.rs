@@ -31,29 +31,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use uuid::Uuid;
 
 /// Most events in one atomic batch: the server's default limit (`max_msgs` under
-/// `jetstream { limits { batch { ... } } }`). A server configured lower refuses the
-/// relay's batches; it then publishes the pipelined way for a while.
+/// `jetstream { limits { batch { ... } } }`). A server configured lower refuses a
+/// larger batch with its limit, which the relay then keeps to.
 pub(super) const CHUNK: usize = 1_000;
 
-/// The server's code for a batch refused because it holds a message whose
-/// `Nats-Msg-Id` the stream has seen: an event already published.
-const DUPLICATE: u64 = 10201;
+/// The server's code for a batch over its limit ("atomic publish batch is too large:
+/// 100").
+const TOO_LARGE: u64 = 10199;
 
 /// The server's codes for refusals that say atomic batches do not work on this stream
-/// now: not enabled (10174), a sequence missing (10175), incomplete (10176, also when
-/// a batch is over the server's limit), a header not supported (10177), an id not
-/// valid (10179), too large (10199).
-const NOT_HERE: [u64; 6] = [10174, 10175, 10176, 10177, 10179, 10199];
+/// now: not enabled (10174), a sequence header missing (10175), a header not supported
+/// (10177), an id not valid (10179), over the limit without saying it (10199). Not
+/// "incomplete" (10176): a connection that died in the middle of a chunk, or a message
+/// the stream refuses, leaves that.
+const NOT_HERE: [u64; 5] = [10174, 10175, 10177, 10179, TOO_LARGE];
 
 /// What publishing a batch in atomic chunks gave.
 #[derive(Debug, Default)]
 pub(super) struct AtomicPublished {
     /// One result per row, as [`publish`] gives them.
     pub published: Published,
-    /// How many chunks the stream stored as atomic batches.
+    /// How many chunks the stream stored as atomic batches, in the part of the batch
+    /// that went through (what is marked).
     pub committed: u64,
     /// Why atomic batches do not work on this stream now, when a refusal said so.
     pub setback: Option<String>,
+    /// The server's limit on a batch, when it refused a chunk as over it.
+    pub limit: Option<usize>,
 }
 
 /// How the server answered one chunk's commit.
@@ -66,19 +70,46 @@ enum Commit {
     Failed(Failure),
     /// Refused as a batch: its events are published the pipelined way, which judges
     /// each. `setback`: the refusal says atomic batches do not work here now.
-    Refused { why: String, setback: bool },
+    Refused {
+        why: String,
+        setback: bool,
+        limit: Option<usize>,
+    },
+    /// Acknowledged, but not as the batch that was sent (another sequence, batch or
+    /// count): a server that does not know atomic batches stores their messages one by
+    /// one. Not taken as published; atomic batches are set aside.
+    Unverified(String),
 }
 
-/// What a commit's answer means for the chunk.
-fn judge(answer: Result<PublishAck, PublishError>) -> Commit {
+/// One chunk as sent: its rows, its batch id, and the sequence its last event must
+/// get.
+struct Chunk {
+    rows: Range<usize>,
+    id: String,
+    last: u64,
+}
+
+/// What a commit's answer means for `chunk`.
+fn judge(chunk: &Chunk, answer: Result<PublishAck, PublishError>) -> Commit {
     use std::error::Error as _;
     let error = match answer {
-        Ok(ack) => return Commit::Stored(ack.sequence),
+        Ok(ack) => {
+            let count = chunk.rows.len() as u64;
+            return if ack.sequence == chunk.last
+                && ack.batch_id.as_deref() == Some(chunk.id.as_str())
+                && ack.batch_size == Some(count)
+            {
+                Commit::Stored(ack.sequence)
+            } else {
+                Commit::Unverified(format!(
+                    "JetStream acknowledged an atomic batch of {count} ending at sequence {} \
+                     as batch {:?} of {:?} at sequence {}: the server does not store atomic \
+                     batches",
+                    chunk.last, ack.batch_id, ack.batch_size, ack.sequence
+                ))
+            };
+        }
         Err(error) => error,
-    };
-    let refused = |setback| Commit::Refused {
-        why: error.to_string(),
-        setback,
     };
     if error.kind() == PublishErrorKind::Other {
         let api = error
@@ -86,207 +117,365 @@ fn judge(answer: Result<PublishAck, PublishError>) -> Commit {
             .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
         if let Some(api) = api.filter(|api| api.code() == 400) {
             let code = api.error_code().0;
-            return refused(code != DUPLICATE && NOT_HERE.contains(&code));
+            let limit = (code == TOO_LARGE)
+                .then(|| api.to_string())
+                // "atomic publish batch is too large: 100 (code 400, error code 10199)"
+                .and_then(|text| {
+                    let description = text.split(" (code ").next()?;
+                    description.rsplit(':').next()?.trim().parse::<usize>().ok()
+                })
+                .filter(|limit| *limit > 0);
+            return Commit::Refused {
+                why: error.to_string(),
+                setback: limit.is_none() && NOT_HERE.contains(&code),
+                limit,
+            };
         }
     }
     match classify(&error) {
         // Only a message can be refused for good, never a whole chunk: the pipelined
         // path finds which.
-        Failure::Permanent(_) => refused(false),
+        Failure::Permanent(why) => Commit::Refused {
+            why,
+            setback: false,
+            limit: None,
+        },
         failure => Commit::Failed(failure),
     }
 }
 
-/// One chunk on its way: its rows, and its commit's answer to come.
-struct Sent {
-    rows: Range<usize>,
-    commit: PublishAckFuture,
+/// How sending one chunk went.
+enum Sending {
+    /// Sent whole; its commit's answer to come.
+    Sent(PublishAckFuture),
+    /// The client refused a message (it always will: too large, say): the pipelined
+    /// path sends the chunk, and says why.
+    Refused,
+    /// The client could not take a message within `ack_timeout` (NATS is out of
+    /// reach): the chunk and the rest of the batch wait.
+    Stuck(String),
 }
 
-/// Publishes `batch` after `tail` in atomic chunks of up to [`CHUNK`] events, all
-/// chunks sent before the first answer is awaited. A chunk the server refuses as a
-/// batch, and every chunk after it, is published the pipelined way; so is the rest of
-/// the batch when a chunk cannot be sent whole.
+/// Publishes `batch` after `tail` in atomic chunks of up to `chunk_size` events, all
+/// chunks sent before their answers are awaited (together). A chunk the server refuses
+/// as a batch, and every chunk after it, is published the pipelined way, while every
+/// chunk before went in and none after did; so is the rest of the batch when the
+/// client refuses a message.
 pub(super) async fn publish_atomic(
     inner: &Inner,
     batch: &mut [OutboxRow],
     tail: &Tail,
+    chunk_size: usize,
     sent_count: &AtomicU64,
 ) -> AtomicPublished {
-    let mut sent = Vec::with_capacity(batch.len().div_ceil(CHUNK));
-    let mut expected = tail.sequence();
+    let chunk_size = chunk_size.max(1);
+    let mut chunks = Vec::with_capacity(batch.len().div_ceil(chunk_size));
+    let mut commits = Vec::with_capacity(chunks.capacity());
+    let mut last = tail.sequence();
     let mut start = 0;
+    let mut stuck = None;
     while start < batch.len() {
-        let rows = start..(start + CHUNK).min(batch.len());
-        match send_chunk(inner, &batch[rows.clone()], expected, sent_count).await {
-            Some(commit) => {
-                expected += rows.len() as u64;
+        let rows = start..(start + chunk_size).min(batch.len());
+        let id = Uuid::now_v7().simple().to_string();
+        match send_chunk(inner, &batch[rows.clone()], &id, last, sent_count).await {
+            Sending::Sent(commit) => {
+                last += rows.len() as u64;
                 start = rows.end;
-                sent.push(Sent { rows, commit });
+                chunks.push(Chunk { rows, id, last });
+                commits.push(commit);
             }
-            // Not sent whole: the server abandons what it got of it; the pipelined
-            // path sends it and tells why it could not be sent.
-            None => break,
+            Sending::Refused => break,
+            Sending::Stuck(why) => {
+                stuck = Some(why);
+                break;
+            }
         }
     }
+    // Together: each answer's wait starts when it is awaited.
+    let answers = futures::future::join_all(
+        commits
+            .into_iter()
+            .map(std::future::IntoFuture::into_future),
+    )
+    .await;
+    let commits: Vec<Commit> = chunks
+        .iter()
+        .zip(answers)
+        .map(|(chunk, answer)| judge(chunk, answer))
+        .collect();
     let mut result = AtomicPublished::default();
     let outcome = &mut result.published.outcome;
-    let mut last = None;
-    let mut fallback_from = (start < batch.len()).then_some(start);
-    for Sent { rows, commit } in sent {
-        let commit = judge(commit.await);
+    let mut stored_through = None;
+    // Where the pipelined path takes over: a chunk refused as a batch with every chunk
+    // before it stored and none after (were one stored, the refused one would be
+    // behind it), or the chunk the client refused.
+    let mut fallback_from = (stuck.is_none() && start < batch.len()).then_some(start);
+    for (i, (chunk, commit)) in chunks.iter().zip(&commits).enumerate() {
         let clean = outcome.iter().all(Result::is_ok);
+        let rows = chunk.rows.clone();
         match commit {
             Commit::Stored(sequence) => {
-                result.committed += 1;
-                last = Some(sequence);
+                if clean {
+                    result.committed += 1;
+                    stored_through = Some(*sequence);
+                }
                 outcome.extend(rows.map(|_| Ok(())));
             }
             Commit::Failed(failure) => outcome.extend(rows.map(|_| Err(failure.clone()))),
-            Commit::Refused { why, setback } if clean => {
-                if setback {
-                    result.setback = Some(why);
+            Commit::Refused {
+                why,
+                setback,
+                limit,
+            } => {
+                if *setback {
+                    result.setback = Some(why.clone());
                 }
-                fallback_from = Some(rows.start);
-                break;
+                result.limit = result.limit.or(*limit);
+                let none_after = commits[i + 1..]
+                    .iter()
+                    .all(|later| !matches!(later, Commit::Stored(_)));
+                if clean && none_after {
+                    fallback_from = Some(rows.start);
+                    break;
+                }
+                outcome.extend(rows.map(|_| Err(Failure::Transient(why.clone()))));
             }
-            // An earlier chunk failed: the batch stops there anyway.
-            Commit::Refused { why, .. } => {
+            Commit::Unverified(why) => {
+                result.setback = Some(why.clone());
                 outcome.extend(rows.map(|_| Err(Failure::Transient(why.clone()))));
             }
         }
     }
+    if let Some(why) = stuck {
+        // The client is not taking messages: nothing after this is sent now.
+        let from = outcome.len();
+        outcome.extend((from..batch.len()).map(|_| Err(Failure::Transient(why.clone()))));
+    }
     // Only while every chunk before went in: after one that failed, publishing the
     // rest could put it ahead of the failed one.
     let clean = outcome.iter().all(Result::is_ok);
+    let mut last_sequence = stored_through;
     match fallback_from {
         Some(from) if clean && outcome.len() == from => {
             // By sequence: the chunk before is stored at consecutive sequences, ending
             // at its ack's.
-            let after = match last {
+            let after = match stored_through {
                 Some(sequence) if from > 0 => Tail::Sequence(sequence),
                 _ => tail.clone(),
             };
             let rest = publish(inner, &mut batch[from..], &after, sent_count).await;
             result.published.outcome.extend(rest.outcome);
-            last = rest.last_sequence;
+            last_sequence = rest.last_sequence;
         }
         _ => {}
     }
     if result.published.whole(batch) {
-        result.published.last_sequence = last;
+        result.published.last_sequence = last_sequence;
     }
     result
 }
 
-/// Sends one chunk as an atomic batch, its first message expecting the stream's last
-/// sequence to be `expected`; returns its commit's answer to come, or `None` when a
-/// message could not be sent (the client refused it, or is closed).
+/// Sends one chunk as the atomic batch `id`, its first message expecting the stream's
+/// last sequence to be `after`.
 async fn send_chunk(
     inner: &Inner,
     rows: &[OutboxRow],
-    expected: u64,
+    id: &str,
+    after: u64,
     sent_count: &AtomicU64,
-) -> Option<PublishAckFuture> {
-    let id = HeaderValue::from(Uuid::now_v7().simple().to_string());
-    let last = rows.len().checked_sub(1)?;
+) -> Sending {
+    let Some(last) = rows.len().checked_sub(1) else {
+        return Sending::Refused;
+    };
+    let id = HeaderValue::from(id);
+    let limit = inner.config.relay.ack_timeout;
     for (i, row) in rows.iter().enumerate() {
-        let mut headers = row.envelope().header_map().ok()?;
+        let Ok(mut headers) = row.envelope().header_map() else {
+            return Sending::Refused;
+        };
         headers.insert("Nats-Batch-Id", id.clone());
         headers.insert("Nats-Batch-Sequence", HeaderValue::from(i + 1));
         if i == 0 {
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(expected));
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(after));
         }
         let subject = full_subject(inner, row);
         // Copied, not taken: a refused chunk is sent again the pipelined way.
         let payload = Bytes::copy_from_slice(row.payload.as_bytes());
         if i == last {
             headers.insert("Nats-Batch-Commit", "1");
-            let commit = inner
+            // Bounded by the context's timeout (`ack_timeout`).
+            return match inner
                 .jetstream
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .ok()?;
-            sent_count.fetch_add(1, Ordering::Relaxed);
-            return Some(commit);
+            {
+                Ok(commit) => {
+                    sent_count.fetch_add(1, Ordering::Relaxed);
+                    Sending::Sent(commit)
+                }
+                Err(error) if error.kind() == PublishErrorKind::TimedOut => {
+                    Sending::Stuck(error.to_string())
+                }
+                Err(_) => Sending::Refused,
+            };
         }
         // No reply: only the commit is answered. Sent on the same connection as the
-        // commit, so it reaches the server first.
-        inner
-            .nats
-            .publish_with_headers(subject, headers, payload)
-            .await
-            .ok()?;
-        sent_count.fetch_add(1, Ordering::Relaxed);
+        // commit, so it reaches the server first. The client takes it at once unless
+        // its queue is full (NATS out of reach): bounded like the commit.
+        let sending = inner.nats.publish_with_headers(subject, headers, payload);
+        match tokio::time::timeout(limit, sending).await {
+            Ok(Ok(())) => {
+                sent_count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(_)) => return Sending::Refused,
+            Err(_) => {
+                return Sending::Stuck(format!(
+                    "the NATS client took no message for {limit:?}: NATS is out of reach"
+                ))
+            }
+        }
     }
-    None
+    Sending::Refused
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn api_error(code: u16, err_code: u64) -> PublishError {
+    /// The server's code for a batch refused because it holds a message whose
+    /// `Nats-Msg-Id` the stream has seen: an event already published.
+    const DUPLICATE: u64 = 10201;
+
+    fn api_error(code: u16, err_code: u64, description: &str) -> PublishError {
         let api: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
-            "code": code, "err_code": err_code, "description": "refused"
+            "code": code, "err_code": err_code, "description": description
         }))
         .expect("a JetStream API error");
         PublishError::with_source(PublishErrorKind::Other, api)
     }
 
-    fn ack(sequence: u64) -> PublishAck {
-        serde_json::from_value(serde_json::json!({"stream": "S", "seq": sequence}))
-            .expect("an ack")
+    fn chunk() -> Chunk {
+        Chunk {
+            rows: 10..20,
+            id: "b1".into(),
+            last: 42,
+        }
+    }
+
+    fn ack(sequence: u64, batch: Option<&str>, count: Option<u64>) -> PublishAck {
+        serde_json::from_value(serde_json::json!({
+            "stream": "S", "seq": sequence, "batch": batch, "count": count
+        }))
+        .expect("an ack")
     }
 
     #[test]
-    fn a_stored_chunk_ends_at_its_acks_sequence() {
-        assert_eq!(judge(Ok(ack(42))), Commit::Stored(42));
+    fn a_chunk_is_stored_only_when_the_ack_names_its_batch_count_and_last_sequence() {
+        assert_eq!(
+            judge(&chunk(), Ok(ack(42, Some("b1"), Some(10)))),
+            Commit::Stored(42)
+        );
+        // A server that does not know atomic batches stored the messages one by one
+        // and acks the commit as a plain message; or the ack is another batch's.
+        for wrong in [
+            ack(42, None, None),
+            ack(41, Some("b1"), Some(10)),
+            ack(42, Some("b2"), Some(10)),
+            ack(42, Some("b1"), Some(9)),
+        ] {
+            assert!(matches!(judge(&chunk(), Ok(wrong)), Commit::Unverified(_)));
+        }
     }
 
     #[test]
-    fn a_duplicate_is_refused_without_a_setback_and_atomic_limits_with_one() {
+    fn refusals_go_the_pipelined_way_and_only_some_set_atomic_batches_aside() {
+        let refused =
+            |err_code, description| judge(&chunk(), Err(api_error(400, err_code, description)));
+        // Events the stream already has, after a relay died before marking.
         assert!(matches!(
-            judge(Err(api_error(400, DUPLICATE))),
+            refused(
+                DUPLICATE,
+                "atomic publish batch contains duplicate message id"
+            ),
+            Commit::Refused {
+                setback: false,
+                limit: None,
+                ..
+            }
+        ));
+        // A gap: the connection died in the middle of the chunk, or a message in it was
+        // too large for the stream.
+        assert!(matches!(
+            refused(10176, "atomic publish batch is incomplete"),
             Commit::Refused { setback: false, .. }
         ));
-        for code in NOT_HERE {
+        // A message the stream refuses (the commit, too large for it).
+        assert!(matches!(
+            refused(10054, "message size exceeds maximum allowed"),
+            Commit::Refused { setback: false, .. }
+        ));
+        // The server's limit, kept to from then on.
+        assert!(matches!(
+            refused(TOO_LARGE, "atomic publish batch is too large: 100"),
+            Commit::Refused {
+                setback: false,
+                limit: Some(100),
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(TOO_LARGE, "atomic publish batch is too large"),
+            Commit::Refused {
+                setback: true,
+                limit: None,
+                ..
+            }
+        ));
+        for (code, description) in [
+            (10174, "atomic publish is disabled"),
+            (
+                10177,
+                "atomic publish unsupported header used: Nats-Expected-Last-Msg-Id",
+            ),
+        ] {
             assert!(
                 matches!(
-                    judge(Err(api_error(400, code))),
+                    refused(code, description),
                     Commit::Refused { setback: true, .. }
                 ),
                 "{code}"
             );
         }
-        // A message the stream refuses (too large for it, say): the pipelined path
-        // finds which, and atomic batches go on.
-        assert!(matches!(
-            judge(Err(api_error(400, 10054))),
-            Commit::Refused { setback: false, .. }
-        ));
     }
 
     #[test]
     fn a_broken_chain_and_what_may_pass_hold_for_every_event_of_the_chunk() {
-        let out_of_chain = PublishError::new(PublishErrorKind::WrongLastSequence);
+        let out_of_chain = api_error(400, 10071, "wrong last sequence: 5");
+        let out_of_chain =
+            PublishError::with_source(PublishErrorKind::WrongLastSequence, out_of_chain);
         assert!(matches!(
-            judge(Err(out_of_chain)),
+            judge(&chunk(), Err(out_of_chain)),
             Commit::Failed(Failure::OutOfChain(_))
         ));
         for error in [
             PublishError::new(PublishErrorKind::TimedOut),
             PublishError::new(PublishErrorKind::StreamNotFound),
-            api_error(503, 10008),
+            api_error(503, 10008, "JetStream system temporarily unavailable"),
         ] {
             assert!(
-                matches!(judge(Err(error)), Commit::Failed(Failure::Transient(_))),
+                matches!(
+                    judge(&chunk(), Err(error)),
+                    Commit::Failed(Failure::Transient(_))
+                ),
                 "transient"
             );
         }
         // Never a whole chunk dead at once.
         assert!(matches!(
-            judge(Err(PublishError::new(PublishErrorKind::MaxPayloadExceeded))),
+            judge(
+                &chunk(),
+                Err(PublishError::new(PublishErrorKind::MaxPayloadExceeded))
+            ),
             Commit::Refused { .. }
         ));
     }

@@ -2,7 +2,7 @@
 //! fence, publish it on the chain, mark what JetStream acknowledged, and wait when
 //! there is nothing to do.
 
-use super::atomic::publish_atomic;
+use super::atomic::{self, publish_atomic};
 use super::fence::Fence;
 use super::mark::{self, Marker};
 use super::prune::Pruner;
@@ -97,7 +97,7 @@ pub(super) async fn lead(
         tail: None,
         chain_broken: false,
         one_by_one_until: None,
-        atomic_setback_until: None,
+        atomic: AtomicState::default(),
         tail_failures: 0,
         prefetched: None,
         failing_since: None,
@@ -107,6 +107,28 @@ pub(super) async fn lead(
     leader.marker.settle(state, &mut leader.pruner).await;
     leader.marker.close().await;
     led
+}
+
+/// What the leader knows of atomic batches on its stream.
+#[derive(Debug)]
+struct AtomicState {
+    /// Whether the stream allows them, as last read (`None`: to be read).
+    allowed: Option<bool>,
+    /// Until when not to use them (or read again whether the stream allows them): a
+    /// refusal said they do not work here now.
+    aside_until: Option<Instant>,
+    /// Most events per batch: the server's limit, once it said it.
+    chunk: usize,
+}
+
+impl Default for AtomicState {
+    fn default() -> Self {
+        AtomicState {
+            allowed: None,
+            aside_until: None,
+            chunk: atomic::CHUNK,
+        }
+    }
 }
 
 /// The leader's state between steps.
@@ -128,9 +150,8 @@ struct Leader<'a> {
     /// Until when to publish one event at a time: another publisher writes to the
     /// stream, and its messages would break the chain.
     one_by_one_until: Option<Instant>,
-    /// Until when not to publish atomic batches: the server refused one for a reason
-    /// that may last (they are not allowed on the stream, a lower limit).
-    atomic_setback_until: Option<Instant>,
+    /// Whether atomic batches work on the stream, as last seen.
+    atomic: AtomicState,
     tail_failures: i32,
     /// The next batch, read while the last one was being published.
     prefetched: Option<Vec<OutboxRow>>,
@@ -232,19 +253,48 @@ impl Leader<'_> {
         }
     }
 
-    /// Whether to publish atomic batches now: the service found the server and the
-    /// stream fit for them, and no refusal has set them back lately.
-    fn atomic(&mut self) -> bool {
+    /// Whether to publish atomic batches now: the configuration wants them, the server
+    /// the client is on now offers them, the stream allows them (read when leading
+    /// starts, and again each time a refusal set them aside), and no refusal has set
+    /// them aside lately.
+    async fn atomic(&mut self) -> bool {
         if !self.inner.atomic {
             return false;
         }
-        match self.atomic_setback_until {
-            Some(until) if Instant::now() < until => false,
-            Some(_) => {
-                self.atomic_setback_until = None;
-                true
+        if let Some(until) = self.atomic.aside_until {
+            if Instant::now() < until {
+                return false;
             }
-            None => true,
+            self.atomic.aside_until = None;
+            self.atomic.allowed = None;
+        }
+        if !crate::service::offers_atomic(&self.inner.nats.server_info().version) {
+            return false;
+        }
+        let allowed = match self.atomic.allowed {
+            Some(allowed) => allowed,
+            None => {
+                let allowed = self.stream_allows_atomic().await;
+                if allowed.is_none() || allowed == Some(false) {
+                    // Not now: read again after a while.
+                    self.atomic.aside_until = Some(Instant::now() + ATOMIC_SETBACK);
+                }
+                self.atomic.allowed = allowed;
+                allowed.unwrap_or(false)
+            }
+        };
+        allowed
+    }
+
+    /// Whether the stream allows atomic batches, if it can be read.
+    async fn stream_allows_atomic(&self) -> Option<bool> {
+        let stream = &self.inner.config.stream;
+        match self.inner.jetstream.get_stream(stream).await {
+            Ok(found) => Some(found.cached_info().config.allow_atomic_publish),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read whether the stream allows atomic batches");
+                None
+            }
         }
     }
 
@@ -409,17 +459,22 @@ impl Leader<'_> {
     ) -> Result<Step, sqlx::Error> {
         let started = Instant::now();
         let read_ahead = (batch.len() >= BUSY_BATCH).then(|| batch[batch.len() - 1].seq);
-        let atomic = self.atomic();
+        let atomic = self.atomic().await;
+        let chunk = self.atomic.chunk;
         let (inner, state) = (self.inner, self.state);
         let publishing = async {
             if !atomic {
-                return (publish(inner, &mut batch, &tail, &state.sent).await, None);
+                return (
+                    publish(inner, &mut batch, &tail, &state.sent).await,
+                    None,
+                    None,
+                );
             }
-            let done = publish_atomic(inner, &mut batch, &tail, &state.sent).await;
+            let done = publish_atomic(inner, &mut batch, &tail, chunk, &state.sent).await;
             state
                 .atomic_batches
                 .fetch_add(done.committed, Ordering::SeqCst);
-            (done.published, done.setback)
+            (done.published, done.setback, done.limit)
         }
         .instrument(span.clone());
         let (outcome, next) = match read_ahead {
@@ -438,10 +493,22 @@ impl Leader<'_> {
             }
             None => (publishing.await, None),
         };
-        let (Published {
-            outcome,
-            last_sequence,
-        }, setback) = outcome;
+        let (
+            Published {
+                outcome,
+                last_sequence,
+            },
+            setback,
+            limit,
+        ) = outcome;
+        if let Some(limit) = limit.filter(|limit| *limit < self.atomic.chunk) {
+            tracing::info!(
+                limit,
+                "nats-server limits an atomic batch to {limit} messages; the relay keeps to it \
+                 (raise jetstream.limits.batch.max_msgs to 1000 for fewer round trips)"
+            );
+            self.atomic.chunk = limit;
+        }
         if let Some(why) = setback {
             tracing::warn!(
                 error = %why,
@@ -449,7 +516,7 @@ impl Leader<'_> {
                 "JetStream refused an atomic batch; publishing each event with its own \
                  acknowledgement for a while"
             );
-            self.atomic_setback_until = Some(Instant::now() + ATOMIC_SETBACK);
+            self.atomic.aside_until = Some(Instant::now() + ATOMIC_SETBACK);
         }
         let whole = outcome.len() == batch.len() && outcome.iter().all(Result::is_ok);
         self.state.batches.fetch_add(1, Ordering::SeqCst);

@@ -4,6 +4,8 @@
 pub(crate) mod nats;
 mod stream;
 
+pub(crate) use stream::offers_atomic;
+
 use crate::config::{redact_text, Config};
 use crate::migrate::MigrateError;
 use crate::outbox::Emitter;
@@ -28,8 +30,8 @@ pub(crate) struct Inner {
     pub jetstream: jetstream::Context,
     /// The largest message (headers and body) that NATS and the stream accept.
     pub max_message: usize,
-    /// Whether the relay publishes atomic batches (see
-    /// [`AtomicBatches`](crate::AtomicBatches)).
+    /// Whether the relay may publish atomic batches: wanted, and offered by the server
+    /// at connect (see [`AtomicBatches`](crate::AtomicBatches)).
     pub atomic: bool,
     /// Writes into the outbox (the same pool and config).
     pub emitter: Emitter,

@@ -9,7 +9,8 @@ use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream, ErrorC
 pub(super) struct Ensured {
     /// Its message size limit, if it has one.
     pub max_message: Option<usize>,
-    /// Whether the relay publishes atomic batches to it.
+    /// Whether the relay may publish atomic batches: the configuration wants them and
+    /// the server offers them (the relay reads whether the stream allows them).
     pub atomic: bool,
 }
 
@@ -46,19 +47,20 @@ pub(super) async fn ensure(
         tracing::info!(
             stream = %config.stream,
             "the stream does not allow atomic batches (allow_atomic): the relay publishes each \
-             event with its own acknowledgement, which is slower on a replicated stream"
+             event with its own acknowledgement, which is slower on a replicated stream, and \
+             looks again every minute"
         );
     }
     Ok(Ensured {
         max_message: usize::try_from(found.max_message_size)
             .ok()
             .filter(|limit| *limit > 0),
-        atomic: wanted && offered && found.allow_atomic_publish,
+        atomic: wanted && offered,
     })
 }
 
 /// Whether a server of this version offers atomic batch publish (2.12 and later).
-fn offers_atomic(version: &str) -> bool {
+pub(crate) fn offers_atomic(version: &str) -> bool {
     let mut parts = version
         .split(['.', '-', '+'])
         .map(|part| part.parse::<u32>().ok());
