@@ -186,12 +186,31 @@ async fn reset_in_the_middle_of_a_batch(upstream: std::net::SocketAddr, atomic: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
-    let proxy = FaultProxy::start(shared_nats_addr()).await;
+    cut_off_leader_yields(shared_nats_addr(), AtomicBatches::Never).await;
+}
+
+/// The same with atomic batches, on a private current nats-server: a leader whose
+/// client stops taking messages does not hang in the middle of a chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_while_publishing_atomic_batches_yields_to_a_standby() {
+    let Some(binary) = current_nats_server_for("a_leader_cut_off_while_publishing_atomic") else {
+        return;
+    };
+    let server = NatsServer::start_binary(&binary, &[]).await;
+    let upstream = format!("127.0.0.1:{}", server.port)
+        .parse()
+        .expect("a socket address");
+    cut_off_leader_yields(upstream, AtomicBatches::Always).await;
+}
+
+async fn cut_off_leader_yields(upstream: std::net::SocketAddr, atomic: AtomicBatches) {
+    let proxy = FaultProxy::start(upstream).await;
     // Replica A reaches NATS through the proxy, replica B directly; same database.
-    let env = TestEnv::new().await;
+    let env = TestEnv::with_nats(format!("nats://{upstream}")).await;
     let settings = RelaySettings {
         ack_timeout: Duration::from_millis(500),
         yield_after: Duration::from_secs(2),
+        atomic_batches: atomic,
         ..TestEnv::fast_relay()
     };
     // A short duplicate window, so that A's stale publishes can outlive it.
@@ -230,31 +249,59 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
     proxy.stall(Direction::Both);
     proxy.refuse(true);
     let mut ids = vec![first];
-    for counter in 1..=20 {
-        ids.push(
-            a.emit(Bulky {
-                lane: 0,
-                counter,
-                filler: String::new(),
-            })
-            .await
-            .expect("emit without NATS"),
-        );
+    // With atomic batches, more than the client's queue holds (2,048 messages): A's
+    // sends must give up in time, or it would never yield.
+    let n: u32 = if atomic == AtomicBatches::Always {
+        3_000
+    } else {
+        20
+    };
+    if atomic == AtomicBatches::Always {
+        // In one transaction, so that they go as one batch, large enough to fill the
+        // sockets' buffers first.
+        let filler = "x".repeat(4 * 1024);
+        let events = (1..=n).map(|counter| Bulky {
+            lane: 0,
+            counter,
+            filler: filler.clone(),
+        });
+        ids.extend(a.emit_all(events).await.expect("emit without NATS"));
+    } else {
+        for counter in 1..=n {
+            ids.push(
+                a.emit(Bulky {
+                    lane: 0,
+                    counter,
+                    filler: String::new(),
+                })
+                .await
+                .expect("emit without NATS"),
+            );
+        }
     }
     wait_for(
         Duration::from_secs(60),
         "B to take the lead, publish everything and count it",
         || async {
-            a.outbox_status().await.expect("status").pending == 0 && relay_b.published() >= 20
+            a.outbox_status().await.expect("status").pending == 0
+                && relay_b.published() >= u64::from(n)
         },
     )
     .await;
     assert!(
-        relay_b.published() >= 20,
+        relay_b.published() >= u64::from(n),
         "B published: {}",
         relay_b.published()
     );
     assert_eq!(relay_a.published(), 1, "A published nothing more");
+    if atomic == AtomicBatches::Always {
+        assert_eq!(
+            relay_a.atomic_batches(),
+            1,
+            "A's first event went as an atomic batch"
+        );
+        assert!(relay_b.atomic_batches() > 0, "B published atomic batches");
+    }
     assert!(!relay_a.is_finished(), "A stands by, it does not stop");
 
     let js = env.jetstream().await;
