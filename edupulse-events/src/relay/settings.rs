@@ -52,7 +52,7 @@ pub struct RelaySettings {
 /// On a replicated stream that is faster than publishing each event with its own
 /// acknowledgement (one round of the quorum per 1,000 events instead of one per
 /// event); on a single server it is slower (the server stages a batch before it stores
-/// it). Either way the order and the chain hold: see the README's "Deployment".
+/// it). Either way the order and the chain hold: see the README's "On a NATS cluster".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AtomicBatches {
