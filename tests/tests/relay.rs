@@ -431,19 +431,26 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
             .unwrap()
     };
     let mut ids = Vec::new();
-    for counter in 0..6 {
+    for counter in 0..9 {
         // Between bursts the relay says it is idle, so the next commit notifies.
         wait_for(WAIT, "the relay to say it is idle", || async {
             relay.is_leader() && idle().await
         })
         .await;
         let started = tokio::time::Instant::now();
-        if counter % 2 == 0 {
-            ids.push(service.emit(quiz(6, counter)).await.unwrap());
-        } else {
-            // A batch notifies too.
-            let batch = [quiz(6, counter), quiz(7, counter)];
-            ids.extend(service.emit_all(batch).await.unwrap());
+        match counter % 3 {
+            // The emitter's own transactions: woken after the commit, from outside.
+            0 => ids.push(service.emit(quiz(6, counter)).await.unwrap()),
+            1 => {
+                let batch = [quiz(6, counter), quiz(7, counter)];
+                ids.extend(service.emit_all(batch).await.unwrap());
+            }
+            // The caller's transaction: the notification goes with its commit.
+            _ => {
+                let mut tx = service.pool().begin().await.unwrap();
+                ids.push(service.emit_in(&mut tx, quiz(6, counter)).await.unwrap());
+                tx.commit().await.unwrap();
+            }
         }
         wait_for(WAIT, "the event", || async { pending(&service).await == 0 }).await;
         assert!(

@@ -49,6 +49,8 @@ pub(crate) struct EmitterInner {
     pub pool: PgPool,
     /// The largest message (headers and body) accepted.
     pub max_message: usize,
+    /// Wakes the relay after the emitter's own transactions commit.
+    pub waker: Arc<super::wake::Waker>,
 }
 
 impl fmt::Debug for Emitter {
@@ -82,6 +84,7 @@ impl Emitter {
     pub(crate) fn new(config: Config, pool: PgPool, max_message: usize) -> Emitter {
         Emitter {
             inner: Arc::new(EmitterInner {
+                waker: Arc::new(super::wake::Waker::new(pool.clone())),
                 config,
                 pool,
                 max_message,

@@ -8,6 +8,7 @@ mod admin;
 mod emitter;
 mod prepare;
 mod sql;
+mod wake;
 
 pub use admin::{DeadEvent, EventState, OutboxError, OutboxStatus, Requeue};
 pub use emitter::{Emitter, DEFAULT_MAX_MESSAGE_SIZE};
@@ -20,6 +21,16 @@ use sql::*;
 use sqlx::{Connection, PgConnection};
 use tracing::Instrument;
 use uuid::Uuid;
+
+/// How an emit wakes an idle relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A notification in the transaction, sent by its commit: the caller's
+    /// transaction, which the library cannot see end.
+    InTransaction,
+    /// After the emitter's own transaction commits, by its waker.
+    After,
+}
 
 /// An event on its way out, with the metadata it travels with.
 ///
@@ -207,9 +218,13 @@ impl Emitter {
         &self,
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
-        let mut tx = self.inner.pool.begin().await?;
-        let id = self.emit_in(&mut tx, event).await?;
-        tx.commit().await?;
+        // One statement, its own transaction; the relay is woken after it commits,
+        // from outside it (see `wake`).
+        let mut conn = self.inner.pool.acquire().await?;
+        let (id, idle) = self.write_one(&mut conn, event.into(), Wake::After).await?;
+        if idle {
+            self.inner.waker.wake();
+        }
         Ok(id)
     }
 
@@ -240,7 +255,21 @@ impl Emitter {
         conn: &mut PgConnection,
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
-        let prepared = self.prepare(event.into())?;
+        let (id, _) = self
+            .write_one(conn, event.into(), Wake::InTransaction)
+            .await?;
+        Ok(id)
+    }
+
+    /// Writes one event on `conn`; returns its id and, when woken `After`, whether the
+    /// relay said it was idle.
+    async fn write_one<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        event: Outgoing<E>,
+        wake: Wake,
+    ) -> Result<(Uuid, bool), EmitError> {
+        let prepared = self.prepare(event)?;
         let span = tracing::debug_span!(
             "edupulse.emit",
             messaging.system = "nats",
@@ -251,10 +280,11 @@ impl Emitter {
             id = %prepared.id
         );
         async {
-            let sql = if self.inner.config.notify {
-                INSERT_ONE_NOTIFY
-            } else {
-                INSERT_ONE
+            let notify = self.inner.config.notify;
+            let sql = match (notify, wake) {
+                (false, _) => INSERT_ONE,
+                (true, Wake::InTransaction) => INSERT_ONE_NOTIFY,
+                (true, Wake::After) => INSERT_ONE_IDLE,
             };
             let row = sqlx::query(sql)
                 .bind(prepared.id)
@@ -271,10 +301,17 @@ impl Emitter {
                 .fetch_optional(&mut *conn)
                 .await?;
             match row {
-                Some(_) => {
+                Some(row) => {
                     #[cfg(feature = "testing")]
                     prepared.record::<E>();
-                    Ok(prepared.id)
+                    let idle = match (notify, wake) {
+                        (true, Wake::After) => {
+                            use sqlx::Row;
+                            row.try_get::<Option<bool>, _>("idle")?.unwrap_or(false)
+                        }
+                        _ => false,
+                    };
+                    Ok((prepared.id, idle))
                 }
                 None => Err(self.too_large::<E>(conn, &[&prepared]).await),
             }
@@ -295,8 +332,12 @@ impl Emitter {
         I::Item: Into<Outgoing<E>>,
     {
         let mut tx = self.inner.pool.begin().await?;
-        let ids = self.emit_all_in(&mut tx, events).await?;
+        let ids = self.write_all(&mut tx, events, Wake::After).await?;
         tx.commit().await?;
+        if self.inner.config.notify && !ids.is_empty() {
+            // The waker looks at the idle flag itself.
+            self.inner.waker.wake();
+        }
         Ok(ids)
     }
 
@@ -312,6 +353,22 @@ impl Emitter {
         &self,
         conn: &mut PgConnection,
         events: I,
+    ) -> Result<Vec<Uuid>, EmitError>
+    where
+        E: DomainEvent,
+        I: IntoIterator,
+        I::Item: Into<Outgoing<E>>,
+    {
+        self.write_all(conn, events, Wake::InTransaction).await
+    }
+
+    /// Writes a batch of events on `conn`, notifying the relay in the transaction
+    /// unless it is woken `After`.
+    async fn write_all<E, I>(
+        &self,
+        conn: &mut PgConnection,
+        events: I,
+        wake: Wake,
     ) -> Result<Vec<Uuid>, EmitError>
     where
         E: DomainEvent,
@@ -335,7 +392,7 @@ impl Emitter {
                 return Ok(Vec::new());
             }
             if prepared.len() <= BATCH_CHUNK {
-                return self.insert_chunk::<E>(conn, &prepared).await;
+                return self.insert_chunk::<E>(conn, &prepared, wake).await;
             }
             // Several statements: all or none. Inside a transaction a savepoint undoes
             // the written chunks when a later one fails (and leaves the caller's
@@ -345,7 +402,7 @@ impl Emitter {
                 .await
             {
                 Ok(_) => {
-                    let written = self.insert_chunks::<E>(conn, &prepared).await;
+                    let written = self.insert_chunks::<E>(conn, &prepared, wake).await;
                     let end = if written.is_ok() {
                         "RELEASE SAVEPOINT edupulse_emit_all"
                     } else {
@@ -359,7 +416,7 @@ impl Emitter {
                 }
                 Err(error) if is_no_transaction(&error) => {
                     let mut tx = conn.begin().await?;
-                    let ids = self.insert_chunks::<E>(&mut tx, &prepared).await?;
+                    let ids = self.insert_chunks::<E>(&mut tx, &prepared, wake).await?;
                     tx.commit().await?;
                     Ok(ids)
                 }
@@ -374,10 +431,11 @@ impl Emitter {
         &self,
         conn: &mut PgConnection,
         prepared: &[Prepared],
+        wake: Wake,
     ) -> Result<Vec<Uuid>, EmitError> {
         let mut ids = Vec::with_capacity(prepared.len());
         for chunk in prepared.chunks(BATCH_CHUNK) {
-            ids.extend(self.insert_chunk::<E>(conn, chunk).await?);
+            ids.extend(self.insert_chunk::<E>(conn, chunk, wake).await?);
         }
         Ok(ids)
     }
@@ -388,8 +446,9 @@ impl Emitter {
         &self,
         conn: &mut PgConnection,
         chunk: &[Prepared],
+        wake: Wake,
     ) -> Result<Vec<Uuid>, EmitError> {
-        let notify = self.inner.config.notify;
+        let notify = self.inner.config.notify && wake == Wake::InTransaction;
         let checked = chunk.iter().any(|p| p.check_limit.is_some());
         let sql = match (checked, notify) {
             (true, true) => INSERT_MANY_NOTIFY,

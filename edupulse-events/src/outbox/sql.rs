@@ -1,7 +1,7 @@
 //! The statements that write events, built from the table names in
 //! [`crate::support::sql`].
 
-use crate::support::sql::{NOTIFY_IF_IDLE, OUTBOX};
+use crate::support::sql::{NOTIFY_IF_IDLE, OUTBOX, RELAY_IDLE};
 use const_format::formatcp;
 
 /// How many events one `emit_all` statement writes at most; larger batches are split
@@ -14,20 +14,28 @@ const COLUMNS: &str =
 /// One event; `$11`, when not null, is the most bytes its JSONB body may print to
 /// (see `printed_fits`): a larger one is not written, and no row comes back.
 macro_rules! insert_one {
-    ($notify:expr) => {
+    ($notify:expr, $returning:expr) => {
         formatcp!(
             "INSERT INTO {OUTBOX} {COLUMNS}
 SELECT $1, $2, $3, $4, x.p, $6, $7, $8, $9, $10
 FROM (SELECT CAST($5::text AS jsonb) AS p{}) AS x
 WHERE CASE WHEN $11::int8 IS NULL THEN true ELSE octet_length(x.p::text) <= $11 END
-RETURNING seq",
-            $notify
+RETURNING seq{}",
+            $notify,
+            $returning
         )
     };
 }
 
-pub(super) const INSERT_ONE: &str = insert_one!("");
-pub(super) const INSERT_ONE_NOTIFY: &str = insert_one!(formatcp!(", {NOTIFY_IF_IDLE} AS n"));
+pub(super) const INSERT_ONE: &str = insert_one!("", "");
+pub(super) const INSERT_ONE_NOTIFY: &str = insert_one!(formatcp!(", {NOTIFY_IF_IDLE} AS n"), "");
+/// One event in a transaction of the emitter's own, which is woken after the commit:
+/// also says whether the relay is idle (read while the row's lock is held, as the
+/// notifying statements do).
+pub(super) const INSERT_ONE_IDLE: &str = insert_one!(
+    "",
+    formatcp!(", (SELECT last_value = 1 FROM {RELAY_IDLE}) AS idle")
+);
 
 /// A batch of one event type, checking each body's printed size (`$8`, null where no
 /// check is needed): all are written, or none if one is too large. `$notify` is
@@ -107,5 +115,12 @@ mod tests {
             INSERT_MANY_UNCHECKED
         );
         assert!(INSERT_ONE.starts_with("INSERT INTO edupulse.outbox (id, name,"));
+        assert_eq!(
+            INSERT_ONE_IDLE.replace(
+                ", (SELECT last_value = 1 FROM edupulse.relay_idle) AS idle",
+                ""
+            ),
+            INSERT_ONE
+        );
     }
 }
