@@ -41,6 +41,31 @@ pub async fn insert_one(
     tx.commit().await
 }
 
+/// Inserts one row in one statement, its own transaction (autocommit).
+pub async fn insert_one_autocommit(
+    pool: &PgPool,
+    name: &str,
+    source: &str,
+    row: &RawRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO edupulse.outbox
+            (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
+         VALUES ($1, $2, $3, $4, CAST($5::text AS jsonb), $6, $7, NULL, NULL, $8)",
+    )
+    .bind(row.id)
+    .bind(name)
+    .bind(1_i32)
+    .bind(&row.subject)
+    .bind(&row.payload)
+    .bind(source)
+    .bind(row.id)
+    .bind(row.occurred_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Inserts rows in one multi-row statement in one transaction.
 pub async fn insert_many(
     pool: &PgPool,
