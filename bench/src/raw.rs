@@ -15,14 +15,12 @@ pub struct RawRow {
     pub occurred_at: OffsetDateTime,
 }
 
-/// Inserts one row in its own transaction, as a hand-written outbox would.
-pub async fn insert_one(
-    pool: &PgPool,
-    name: &str,
-    source: &str,
-    row: &RawRow,
-) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// One row, as a raw writer inserts it.
+fn insert_row<'q>(
+    name: &'q str,
+    source: &'q str,
+    row: &'q RawRow,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(
         "INSERT INTO edupulse.outbox
             (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
@@ -36,8 +34,18 @@ pub async fn insert_one(
     .bind(source)
     .bind(row.id)
     .bind(row.occurred_at)
-    .execute(&mut *tx)
-    .await?;
+}
+
+/// Inserts one row in its own transaction (`BEGIN`, the insert, `COMMIT`), as a
+/// hand-written outbox would.
+pub async fn insert_one(
+    pool: &PgPool,
+    name: &str,
+    source: &str,
+    row: &RawRow,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    insert_row(name, source, row).execute(&mut *tx).await?;
     tx.commit().await
 }
 
@@ -48,21 +56,7 @@ pub async fn insert_one_autocommit(
     source: &str,
     row: &RawRow,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO edupulse.outbox
-            (id, name, version, subject, payload, source, correlation_id, causation_id, traceparent, occurred_at)
-         VALUES ($1, $2, $3, $4, CAST($5::text AS jsonb), $6, $7, NULL, NULL, $8)",
-    )
-    .bind(row.id)
-    .bind(name)
-    .bind(1_i32)
-    .bind(&row.subject)
-    .bind(&row.payload)
-    .bind(source)
-    .bind(row.id)
-    .bind(row.occurred_at)
-    .execute(pool)
-    .await?;
+    insert_row(name, source, row).execute(pool).await?;
     Ok(())
 }
 

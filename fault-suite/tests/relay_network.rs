@@ -11,7 +11,7 @@
 //! hold every event once, in sequence order.
 
 use edupulse_events::{AtomicBatches, DomainEvent, RelaySettings};
-use edupulse_events_tests::{current_nats_server_for, wait_for, NatsServer, TestEnv};
+use edupulse_events_tests::{wait_for, NatsServer, TestEnv};
 use edupulse_fault_suite::proxy::{Direction, FaultProxy};
 use edupulse_fault_suite::workload::shared_nats_addr;
 use serde::{Deserialize, Serialize};
@@ -40,15 +40,12 @@ async fn connection_reset_in_the_middle_of_a_batch_keeps_sequence_order() {
 /// whole; the rest of the batch goes the pipelined way, after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_in_the_middle_of_an_atomic_batch_keeps_sequence_order() {
-    let Some(binary) = current_nats_server_for("connection_reset_in_the_middle_of_an_atomic_batch")
+    let Some(server) =
+        NatsServer::start_current("connection_reset_in_the_middle_of_an_atomic_batch", &[]).await
     else {
         return;
     };
-    let server = NatsServer::start_binary(&binary, &[]).await;
-    let upstream = format!("127.0.0.1:{}", server.port)
-        .parse()
-        .expect("a socket address");
-    reset_in_the_middle_of_a_batch(upstream, AtomicBatches::Always).await;
+    reset_in_the_middle_of_a_batch(server.addr(), AtomicBatches::Always).await;
 }
 
 async fn reset_in_the_middle_of_a_batch(upstream: std::net::SocketAddr, atomic: AtomicBatches) {
@@ -193,14 +190,12 @@ async fn a_leader_that_cannot_reach_nats_yields_to_a_standby_that_can() {
 /// client stops taking messages does not hang in the middle of a chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_while_publishing_atomic_batches_yields_to_a_standby() {
-    let Some(binary) = current_nats_server_for("a_leader_cut_off_while_publishing_atomic") else {
+    let Some(server) =
+        NatsServer::start_current("a_leader_cut_off_while_publishing_atomic", &[]).await
+    else {
         return;
     };
-    let server = NatsServer::start_binary(&binary, &[]).await;
-    let upstream = format!("127.0.0.1:{}", server.port)
-        .parse()
-        .expect("a socket address");
-    cut_off_leader_yields(upstream, AtomicBatches::Always).await;
+    cut_off_leader_yields(server.addr(), AtomicBatches::Always).await;
 }
 
 async fn cut_off_leader_yields(upstream: std::net::SocketAddr, atomic: AtomicBatches) {

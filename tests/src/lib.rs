@@ -162,6 +162,22 @@ impl TestEnv {
         out
     }
 
+    /// The ids of this test's events in the stream, in stream order (other
+    /// publishers' messages left out).
+    pub async fn our_ids(&self, js: &jetstream::Context) -> Vec<uuid::Uuid> {
+        self.stream_messages(js)
+            .await
+            .iter()
+            .filter(|m| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get("ce-source"))
+                    .is_some_and(|s| s.as_str() == "edupulse-tests")
+            })
+            .map(|m| header(m, "Nats-Msg-Id").parse().expect("a uuid"))
+            .collect()
+    }
+
     /// The ids (`Nats-Msg-Id`) of the stream's messages, in stream order.
     pub async fn stream_ids(&self, js: &jetstream::Context) -> Vec<uuid::Uuid> {
         self.stream_messages(js)
@@ -241,6 +257,32 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Another publisher on the stream: publishes plain messages to `subject` every 5 ms
+/// (200 a second) until `stop`; returns how many it sent.
+pub fn foreign_publisher(
+    client: async_nats::Client,
+    subject: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(5));
+        let mut sent = 0;
+        while !stop.load(Ordering::SeqCst) {
+            ticker.tick().await;
+            if client
+                .publish(subject.clone(), "not an event".into())
+                .await
+                .is_ok()
+            {
+                sent += 1;
+            }
+        }
+        let _ = client.flush().await;
+        sent
+    })
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -362,6 +404,14 @@ impl NatsServer {
         Self::start_binary(&nats_server_binary(), extra).await
     }
 
+    /// Starts a current server (see [`current_nats_server_for`], which says SKIPPED,
+    /// or fails the test when CI requires one) with further arguments; `None` when
+    /// there is none.
+    pub async fn start_current(test: &str, extra: &[&str]) -> Option<NatsServer> {
+        let binary = current_nats_server_for(test)?;
+        Some(Self::start_binary(&binary, extra).await)
+    }
+
     /// Starts a server of the given binary (see [`current_nats_server`]) with further
     /// arguments.
     pub async fn start_binary(binary: &str, extra: &[&str]) -> NatsServer {
@@ -390,6 +440,11 @@ impl NatsServer {
     /// The URL to connect to.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// The server's process id, while it runs.

@@ -5,9 +5,10 @@
 //! nats-server is installed (`.ci/run` installs one).
 
 use edupulse_events::{
-    AtomicBatches, ConnectError, ConnectErrorKind, DomainEvent, EventService, RelaySettings,
+    AtomicBatches, ConnectError, ConnectErrorKind, DomainEvent, EventService, RelayHandle,
+    RelaySettings,
 };
-use edupulse_events_tests::{current_nats_server_for, header, wait_for, NatsServer, TestEnv};
+use edupulse_events_tests::{foreign_publisher, header, wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +27,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A private current nats-server, or `None` (said on stderr) when none is installed
 /// (see [`current_nats_server_for`]: CI requires one).
 async fn current_server(test: &str) -> Option<NatsServer> {
-    let binary = current_nats_server_for(test)?;
-    Some(NatsServer::start_binary(&binary, &[]).await)
+    NatsServer::start_current(test, &[]).await
 }
 
 /// Relay settings for these tests: atomic batches always, and batches of up to 2,500
@@ -42,6 +42,28 @@ fn atomic_relay() -> RelaySettings {
 
 async fn atomic_service(env: &TestEnv) -> EventService {
     env.service_with(env.config().relay(atomic_relay())).await
+}
+
+/// A current server, a service that wants atomic batches always, and its relay, which
+/// has published a first batch of ten events as one atomic batch (their ids).
+async fn warmed_up(
+    test: &str,
+) -> Option<(NatsServer, TestEnv, EventService, RelayHandle, Vec<Uuid>)> {
+    let server = current_server(test).await?;
+    let env = TestEnv::with_nats(server.url()).await;
+    let service = atomic_service(&env).await;
+    let relay = service.start_relay().await.expect("the relay starts");
+    let ids = emit(&service, 10).await;
+    all_published(&service, &relay, 10).await;
+    assert_eq!(relay.atomic_batches(), 1);
+    Some((server, env, service, relay, ids))
+}
+
+/// The stream's configuration as the server has it.
+async fn stream_config(env: &TestEnv) -> async_nats::jetstream::stream::Config {
+    let js = env.jetstream().await;
+    let mut stream = js.get_stream(&env.stream).await.expect("the stream");
+    stream.info().await.expect("stream info").config.clone()
 }
 
 async fn emit(service: &EventService, n: u32) -> Vec<Uuid> {
@@ -65,7 +87,7 @@ async fn assert_stream_is(env: &TestEnv, expected: &[Uuid]) {
     );
 }
 
-async fn all_published(service: &EventService, relay: &edupulse_events::RelayHandle, n: u64) {
+async fn all_published(service: &EventService, relay: &RelayHandle, n: u64) {
     wait_for(WAIT, "every event to be published and marked", || async {
         service.outbox_status().await.expect("status").pending == 0 && relay.published() >= n
     })
@@ -149,17 +171,13 @@ async fn a_relay_dying_before_marking_atomic_batches_leaves_one_copy_per_event()
 
 #[tokio::test]
 async fn another_publisher_after_an_atomic_batch_breaks_the_chain_not_the_order() {
-    let Some(server) = current_server("another_publisher_after_an_atomic_batch").await else {
+    let Some((_server, env, service, relay, mut ids)) =
+        warmed_up("another_publisher_after_an_atomic_batch").await
+    else {
         return;
     };
-    let env = TestEnv::with_nats(server.url()).await;
-    let service = atomic_service(&env).await;
-    // A first batch goes as an atomic batch: the relay then knows the stream's last
+    // The first batch went as an atomic batch: the relay knows the stream's last
     // sequence and chains the next chunk to it without reading the stream.
-    let relay = service.start_relay().await.expect("the relay starts");
-    let mut ids = emit(&service, 10).await;
-    all_published(&service, &relay, 10).await;
-    assert_eq!(relay.atomic_batches(), 1);
 
     // Another publisher appends to the stream: the next chunk expects a sequence that
     // is no longer the last, and is refused whole.
@@ -167,26 +185,7 @@ async fn another_publisher_after_an_atomic_batch_breaks_the_chain_not_the_order(
     let client = async_nats::connect(env.nats_url.as_str())
         .await
         .expect("NATS answers");
-    let subject = format!("{}.other.stuff", env.prefix);
-    let foreign = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut sent = 0u64;
-            let mut ticker = tokio::time::interval(Duration::from_millis(5));
-            while !stop.load(Ordering::SeqCst) {
-                ticker.tick().await;
-                if client
-                    .publish(subject.clone(), "not an event".into())
-                    .await
-                    .is_ok()
-                {
-                    sent += 1;
-                }
-            }
-            let _ = client.flush().await;
-            sent
-        })
-    };
+    let foreign = foreign_publisher(client, format!("{}.other.stuff", env.prefix), stop.clone());
     let js = env.jetstream().await;
     wait_for(WAIT, "the other publisher's first messages", || async {
         env.stream_len(&js).await >= 15
@@ -196,17 +195,7 @@ async fn another_publisher_after_an_atomic_batch_breaks_the_chain_not_the_order(
     all_published(&service, &relay, 3_010).await;
     stop.store(true, Ordering::SeqCst);
     assert!(foreign.await.expect("the publisher ends") > 0);
-    let ours: Vec<Uuid> = env
-        .stream_messages(&js)
-        .await
-        .iter()
-        .filter(|m| {
-            m.headers
-                .as_ref()
-                .is_some_and(|h| h.get("ce-source").is_some())
-        })
-        .map(|m| header(m, "Nats-Msg-Id").parse().expect("a uuid"))
-        .collect();
+    let ours = env.our_ids(&js).await;
     assert_eq!(ours, ids, "each event once, in sequence order");
     // The refused chunk showed another publisher at the stream's tail: the relay
     // counted it and went on one event at a time.
@@ -222,14 +211,18 @@ async fn another_publisher_after_an_atomic_batch_breaks_the_chain_not_the_order(
 
 #[tokio::test]
 async fn a_server_limit_below_a_chunk_is_kept_to() {
-    let Some(binary) = current_nats_server_for("a_server_limit_below_a_chunk_is_kept_to") else {
-        return;
-    };
     let conf = std::env::temp_dir().join(format!("edupulse-batch-limit-{}.conf", Uuid::now_v7()));
     std::fs::write(&conf, "jetstream { limits { batch { max_msgs: 100 } } }\n")
         .expect("write the server's configuration");
     let conf_path = conf.to_string_lossy().into_owned();
-    let server = NatsServer::start_binary(&binary, &["-c", &conf_path]).await;
+    let Some(server) = NatsServer::start_current(
+        "a_server_limit_below_a_chunk_is_kept_to",
+        &["-c", &conf_path],
+    )
+    .await
+    else {
+        return;
+    };
     let env = TestEnv::with_nats(server.url()).await;
     let service = atomic_service(&env).await;
     // The first batch's chunk of 1,000 is over the limit: refused, it goes the
@@ -253,26 +246,21 @@ async fn a_server_limit_below_a_chunk_is_kept_to() {
 
 #[tokio::test]
 async fn a_stream_that_stops_allowing_atomic_batches_gets_each_event_acknowledged() {
-    let Some(server) = current_server("a_stream_that_stops_allowing_atomic_batches").await else {
+    let Some((_server, env, service, relay, mut ids)) =
+        warmed_up("a_stream_that_stops_allowing_atomic_batches").await
+    else {
         return;
     };
-    let env = TestEnv::with_nats(server.url()).await;
-    let service = atomic_service(&env).await;
-    let relay = service.start_relay().await.expect("the relay starts");
-    let mut ids = emit(&service, 10).await;
-    all_published(&service, &relay, 10).await;
-    assert!(relay.atomic_batches() >= 1);
     let atomic_before = relay.atomic_batches();
 
     // An operator turns atomic batches off on the stream while the relay runs.
-    let js = env.jetstream().await;
-    let mut stream = js.get_stream(&env.stream).await.expect("the stream");
-    let mut config = stream.info().await.expect("stream info").config.clone();
+    let mut config = stream_config(&env).await;
     assert!(
         config.allow_atomic_publish,
         "connect created it allowing them"
     );
     config.allow_atomic_publish = false;
+    let js = env.jetstream().await;
     js.update_stream(&config).await.expect("update the stream");
 
     // The first batch after it is refused, and sent again the pipelined way; the
@@ -316,9 +304,7 @@ async fn auto_publishes_atomic_batches_only_to_a_replicated_stream() {
     all_published(&service, &relay, 1_200).await;
     assert_stream_is(&env, &ids).await;
     assert_eq!(relay.atomic_batches(), 0);
-    let js = env.jetstream().await;
-    let mut stream = js.get_stream(&env.stream).await.expect("the stream");
-    let config = stream.info().await.expect("stream info").config.clone();
+    let config = stream_config(&env).await;
     assert!(!config.allow_atomic_publish, "{config:?}");
     relay.shutdown().await.expect("relay shutdown");
 }

@@ -2,7 +2,7 @@
 //! emit wrote, other publishers on the stream, writers that never finish.
 
 use edupulse_events::{DomainEvent, EmitErrorKind, EventState, SubjectError};
-use edupulse_events_tests::{header, raw_hpub, wait_for, NatsServer, TestEnv};
+use edupulse_events_tests::{foreign_publisher, raw_hpub, wait_for, NatsServer, TestEnv};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -129,46 +129,6 @@ async fn a_row_whose_subject_nats_refuses_goes_dead_and_later_events_are_publish
     relay.shutdown().await.unwrap();
 }
 
-/// The ids of this service's events in the stream, in stream order (other publishers'
-/// messages left out).
-async fn our_ids(env: &TestEnv, js: &async_nats::jetstream::Context) -> Vec<Uuid> {
-    env.stream_messages(js)
-        .await
-        .iter()
-        .filter(|m| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get("ce-source"))
-                .is_some_and(|s| s.as_str() == "edupulse-tests")
-        })
-        .map(|m| header(m, "Nats-Msg-Id").parse().expect("a uuid"))
-        .collect()
-}
-
-/// Publishes plain messages to `subject` every 5 ms (200 a second) until stopped.
-fn foreign_publisher(
-    client: async_nats::Client,
-    subject: String,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(Duration::from_millis(5));
-        let mut sent = 0;
-        while !stop.load(Ordering::SeqCst) {
-            ticker.tick().await;
-            if client
-                .publish(subject.clone(), "not an event".into())
-                .await
-                .is_ok()
-            {
-                sent += 1;
-            }
-        }
-        let _ = client.flush().await;
-        sent
-    })
-}
-
 #[tokio::test]
 async fn another_publisher_on_the_prefix_costs_at_most_one_batch_and_our_order_holds() {
     let env = TestEnv::new().await;
@@ -196,7 +156,7 @@ async fn another_publisher_on_the_prefix_costs_at_most_one_batch_and_our_order_h
     assert!(foreign_sent > 0);
 
     assert_eq!(
-        our_ids(&env, &js).await,
+        env.our_ids(&js).await,
         ids,
         "each event once, in sequence order"
     );
@@ -242,7 +202,7 @@ async fn with_another_publisher_our_order_holds_across_a_nats_restart() {
     publisher.await.unwrap();
     let js = env.jetstream().await;
     assert_eq!(
-        our_ids(&env, &js).await,
+        env.our_ids(&js).await,
         ids,
         "each event once, in sequence order"
     );
