@@ -445,7 +445,7 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
                 let batch = [quiz(6, counter), quiz(7, counter)];
                 ids.extend(service.emit_all(batch).await.unwrap());
             }
-            // The caller's transaction: the notification goes with its commit.
+            // The caller's transaction: woken by the waker once it ends.
             _ => {
                 let mut tx = service.pool().begin().await.unwrap();
                 ids.push(service.emit_in(&mut tx, quiz(6, counter)).await.unwrap());
@@ -460,6 +460,85 @@ async fn an_idle_relay_is_woken_by_each_commit_long_before_its_poll() {
         );
     }
     assert_stream_is(&env, &js, &ids).await;
+    relay.shutdown().await.unwrap();
+}
+
+/// A service whose relay would poll only every ten minutes: anything published sooner
+/// was woken. Returns it with its relay, once the relay has said it is idle.
+async fn idle_relay_polling_rarely(
+    env: &TestEnv,
+    order_wait_limit: Duration,
+) -> (EventService, edupulse_events::RelayHandle) {
+    let service = env
+        .service_with(env.config().relay(RelaySettings {
+            poll_interval: Duration::from_secs(600),
+            order_wait_limit,
+            ..TestEnv::fast_relay()
+        }))
+        .await;
+    // The flag starts at "idle" before any relay ran: make the idle below the relay's.
+    sqlx::query("SELECT setval('edupulse.relay_idle', 0)")
+        .execute(service.pool())
+        .await
+        .unwrap();
+    let relay = service.start_relay().await.expect("the relay starts");
+    wait_for(WAIT, "the relay to say it is idle", || async {
+        relay.is_leader()
+            && sqlx::query_scalar::<_, bool>("SELECT last_value = 1 FROM edupulse.relay_idle")
+                .fetch_one(service.pool())
+                .await
+                .unwrap()
+    })
+    .await;
+    (service, relay)
+}
+
+#[tokio::test]
+async fn an_emit_in_held_open_does_not_hold_up_the_wake_up_of_a_commit_after_it() {
+    let env = TestEnv::new().await;
+    let (service, relay) = idle_relay_polling_rarely(&env, Duration::from_millis(200)).await;
+    let js = env.jetstream().await;
+    // Both writers find the relay idle, so both leave their wake-up to the waker.
+    let mut open = service.pool().begin().await.unwrap();
+    let held = service.emit_in(&mut open, quiz(8, 0)).await.unwrap();
+    let mut tx = service.pool().begin().await.unwrap();
+    let committed = service.emit_in(&mut tx, quiz(8, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    // The relay is woken while the first transaction is still open, and publishes the
+    // second event past `order_wait_limit`; not after the ten-minute poll.
+    wait_for(
+        Duration::from_secs(30),
+        "the committed event while the other transaction is open",
+        || async { relay.published() == 1 },
+    )
+    .await;
+    open.commit().await.unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the held event, once committed",
+        || async { relay.published() == 2 },
+    )
+    .await;
+    assert_stream_is(&env, &js, &[committed, held]).await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rolled_back_emit_in_does_not_cost_another_writer_its_wake_up() {
+    let env = TestEnv::new().await;
+    let (service, relay) = idle_relay_polling_rarely(&env, Duration::from_secs(5)).await;
+    let js = env.jetstream().await;
+    let mut rolled_back = service.pool().begin().await.unwrap();
+    service.emit_in(&mut rolled_back, quiz(9, 0)).await.unwrap();
+    let mut tx = service.pool().begin().await.unwrap();
+    let committed = service.emit_in(&mut tx, quiz(9, 1)).await.unwrap();
+    rolled_back.rollback().await.unwrap();
+    tx.commit().await.unwrap();
+    wait_for(Duration::from_secs(30), "the committed event", || async {
+        relay.published() == 1 && pending(&service).await == 0
+    })
+    .await;
+    assert_stream_is(&env, &js, &[committed]).await;
     relay.shutdown().await.unwrap();
 }
 

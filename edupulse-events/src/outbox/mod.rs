@@ -25,11 +25,22 @@ use uuid::Uuid;
 /// How an emit wakes an idle relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wake {
-    /// A notification in the transaction, sent by its commit: the caller's
-    /// transaction, which the library cannot see end.
+    /// A notification in the transaction, sent by its commit (`emit_all_in`: one
+    /// commit per batch of events, so the notify lock costs little per event).
     InTransaction,
     /// After the emitter's own transaction commits, by its waker.
     After,
+    /// By the waker, once the caller's transaction ends: the statement takes a lock
+    /// that the transaction holds until then (see `wake`).
+    AtEnd,
+}
+
+/// The key of the advisory lock an `emit_in` holds for the waker: random bits of the
+/// event's id (a UUIDv7 ends with random bits), so that transactions open at the same
+/// time hold different keys.
+fn hold_key(id: Uuid) -> i32 {
+    let bytes = id.as_bytes();
+    i32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]])
 }
 
 /// An event on its way out, with the metadata it travels with.
@@ -255,14 +266,19 @@ impl Emitter {
         conn: &mut PgConnection,
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
-        let (id, _) = self
-            .write_one(conn, event.into(), Wake::InTransaction)
-            .await?;
+        // No notification in the caller's transaction (it would take the notify lock
+        // at commit): while the relay is idle, the waker wakes it once the transaction
+        // ends (see `wake`).
+        let (id, held) = self.write_one(conn, event.into(), Wake::AtEnd).await?;
+        if held {
+            self.inner.waker.wake_at_end(hold_key(id));
+        }
         Ok(id)
     }
 
-    /// Writes one event on `conn`; returns its id and, when woken `After`, whether the
-    /// relay said it was idle.
+    /// Writes one event on `conn`; returns its id and whether the waker is to be asked:
+    /// woken `After`, the relay said it was idle; `AtEnd`, the statement took the lock
+    /// the waker waits for.
     async fn write_one<E: DomainEvent>(
         &self,
         conn: &mut PgConnection,
@@ -285,8 +301,9 @@ impl Emitter {
                 (false, _) => INSERT_ONE,
                 (true, Wake::InTransaction) => INSERT_ONE_NOTIFY,
                 (true, Wake::After) => INSERT_ONE_IDLE,
+                (true, Wake::AtEnd) => INSERT_ONE_HOLD,
             };
-            let row = sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(prepared.id)
                 .bind(E::NAME)
                 .bind(version_i32::<E>())
@@ -297,21 +314,30 @@ impl Emitter {
                 .bind(prepared.causation_id)
                 .bind(prepared.traceparent.as_deref())
                 .bind(prepared.occurred_at)
-                .bind(prepared.check_limit)
-                .fetch_optional(&mut *conn)
-                .await?;
+                .bind(prepared.check_limit);
+            let query = if sql == INSERT_ONE_HOLD {
+                query.bind(hold_key(prepared.id))
+            } else {
+                query
+            };
+            let row = query.fetch_optional(&mut *conn).await?;
             match row {
                 Some(row) => {
                     #[cfg(feature = "testing")]
                     prepared.record::<E>();
-                    let idle = match (notify, wake) {
-                        (true, Wake::After) => {
-                            use sqlx::Row;
-                            row.try_get::<Option<bool>, _>("idle")?.unwrap_or(false)
-                        }
-                        _ => false,
+                    let column = match (notify, wake) {
+                        (true, Wake::After) => Some("idle"),
+                        (true, Wake::AtEnd) => Some("held"),
+                        _ => None,
                     };
-                    Ok((prepared.id, idle))
+                    let ask = match column {
+                        Some(column) => {
+                            use sqlx::Row;
+                            row.try_get::<Option<bool>, _>(column)?.unwrap_or(false)
+                        }
+                        None => false,
+                    };
+                    Ok((prepared.id, ask))
                 }
                 None => Err(self.too_large::<E>(conn, &[&prepared]).await),
             }

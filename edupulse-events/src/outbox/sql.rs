@@ -1,7 +1,8 @@
 //! The statements that write events, built from the table names in
 //! [`crate::support::sql`].
 
-use crate::support::sql::{NOTIFY_IF_IDLE, OUTBOX, RELAY_IDLE};
+use super::wake::HOLD_CLASS;
+use crate::support::sql::{CHANNEL, NOTIFY_IF_IDLE, OUTBOX, RELAY_IDLE};
 use const_format::formatcp;
 
 /// How many events one `emit_all` statement writes at most; larger batches are split
@@ -35,6 +36,21 @@ pub(super) const INSERT_ONE_NOTIFY: &str = insert_one!(formatcp!(", {NOTIFY_IF_I
 pub(super) const INSERT_ONE_IDLE: &str = insert_one!(
     "",
     formatcp!(", (SELECT last_value = 1 FROM {RELAY_IDLE}) AS idle")
+);
+
+/// One event in the caller's transaction, whose end the emitter's waker waits for:
+/// while the relay is idle, also takes the shared advisory lock ([`HOLD_CLASS`], `$12`)
+/// that the transaction holds until it ends, and says `held`. Should another session
+/// hold that lock's key already (an application's lock of the same class), it notifies
+/// in the transaction instead and says `false`; `null` while the relay is busy.
+pub(super) const INSERT_ONE_HOLD: &str = insert_one!(
+    "",
+    formatcp!(
+        ", (SELECT CASE WHEN pg_catalog.pg_try_advisory_xact_lock_shared({HOLD_CLASS}, $12::int4)
+                   THEN true
+                   ELSE (SELECT false FROM pg_catalog.pg_notify('{CHANNEL}', '')) END
+       FROM {RELAY_IDLE} WHERE last_value = 1) AS held"
+    )
 );
 
 /// A batch of one event type, checking each body's printed size (`$8`, null where no
@@ -115,6 +131,8 @@ mod tests {
             INSERT_MANY_UNCHECKED
         );
         assert!(INSERT_ONE.starts_with("INSERT INTO edupulse.outbox (id, name,"));
+        assert!(INSERT_ONE_HOLD.starts_with(INSERT_ONE));
+        assert!(INSERT_ONE_HOLD.contains("pg_try_advisory_xact_lock_shared(1162104917, $12::int4)"));
         assert_eq!(
             INSERT_ONE_IDLE.replace(
                 ", (SELECT last_value = 1 FROM edupulse.relay_idle) AS idle",

@@ -1,30 +1,53 @@
-//! Waking an idle relay after the library's own transactions commit ([`Emitter::emit`]
-//! and [`Emitter::emit_all`]), from outside them.
+//! Waking an idle relay after an emitting transaction ends, from outside it.
 //!
 //! A `pg_notify` inside a transaction makes its commit take Postgres' notify lock, a
 //! lock of the whole cluster that it holds until the commit is flushed: concurrent
 //! notifying writers commit one at a time, each waiting for its own WAL flush, where
-//! they would otherwise share one (BENCHMARKS.md, "The notify lock"). So after the
-//! library commits a transaction of its own, it asks this waker instead, which
-//! notifies on a connection of its own, in a transaction that does not wait for its
-//! flush (`synchronous_commit` off: a lost notification costs a poll interval, never
-//! an event), and only while the relay says it is idle. Wake-ups asked for while one
-//! is being sent are sent as one more.
+//! they would otherwise share one (BENCHMARKS.md, "The notify lock"). So the writers
+//! do not notify; they ask this waker, which notifies on a connection of its own, in
+//! a transaction that does not wait for its flush (`synchronous_commit` off: a lost
+//! notification costs a poll interval, never an event), and only while the relay says
+//! it is idle:
 //!
-//! Looking at the idle flag after the commit is as safe as looking before it: a
-//! writer that sees the relay busy has committed already, and a relay going idle
-//! looks for new events once more after it says so.
+//! - [`Emitter::emit`] and [`Emitter::emit_all`] commit their own transaction and ask
+//!   after the commit ([`Waker::wake`]).
+//! - [`Emitter::emit_in`] writes in the caller's transaction, whose end the library
+//!   cannot see. While the relay is idle, its statement takes a shared advisory lock of
+//!   that transaction ([`HOLD_CLASS`], a key drawn from the event's id), which Postgres
+//!   releases when the transaction commits or rolls back, after its rows are visible.
+//!   The waker waits for that lock ([`Waker::wake_at_end`]) and then notifies: the
+//!   wake-up comes at the end of the transaction, as a notification in it would, and
+//!   a rollback wakes the relay to no harm. A transaction held open does not hold up
+//!   the others' wake-ups: the waker waits at most [`LOCK_WAIT`] at a time, then
+//!   notifies for the transactions that have ended and waits again for the rest.
+//!
+//! Looking at the idle flag after the end is as safe as looking before it: a writer
+//! that sees the relay busy has committed already, and a relay going idle looks for
+//! new events once more after it says so. Asks that come in while a wake-up is being
+//! sent are sent as one more.
 //!
 //! [`Emitter::emit`]: super::Emitter::emit
 //! [`Emitter::emit_all`]: super::Emitter::emit_all
+//! [`Emitter::emit_in`]: super::Emitter::emit_in
 
+use crate::support::pg::is_lock_timeout;
 use crate::support::retry::AbortOnDrop;
 use crate::support::sql::{CHANNEL, RELAY_IDLE};
 use const_format::formatcp;
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::sync::Notify;
+
+/// The first key of the advisory locks an emitting transaction holds until it ends
+/// (the two-key form, whose keys never meet the one-key form's): "EDPU" in ASCII. An
+/// application that takes two-key advisory locks of this class shares their keys.
+pub(crate) const HOLD_CLASS: i32 = 0x4544_5055;
+
+/// How long the waker waits for one emitting transaction to end before it looks at
+/// the others.
+pub(crate) const LOCK_WAIT: Duration = Duration::from_millis(100);
 
 /// Notifies the relay if it says it is idle, without waiting for the flush of this
 /// transaction's commit (`set_config(..., true)` holds for the statement's own
@@ -34,6 +57,37 @@ const WAKE: &str = formatcp!(
             pg_catalog.pg_notify('{CHANNEL}', '')
      FROM {RELAY_IDLE} WHERE last_value = 1"
 );
+
+/// Of the keys `$2`, those whose transaction still holds its lock (still open).
+const STILL_OPEN: &str = formatcp!(
+    "SELECT u.k FROM unnest($2::int4[]) AS u(k)
+     WHERE NOT pg_catalog.pg_try_advisory_xact_lock($1, u.k)"
+);
+
+/// Waits, in one transaction of its own, for every transaction holding one of `keys`
+/// to end (each wait bounded by [`LOCK_WAIT`]: Postgres then fails it with
+/// `lock_not_available`), then does what [`WAKE`] does. A `DO` block, so that the idle
+/// flag is read after the waits; the keys are integers written into it.
+fn wait_then_wake(keys: &[i32]) -> String {
+    let list = keys
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "DO $edupulse$ DECLARE k int4; BEGIN
+PERFORM pg_catalog.set_config('lock_timeout', '{wait}ms', true);
+FOREACH k IN ARRAY '{{{list}}}'::int4[] LOOP
+  PERFORM pg_catalog.pg_advisory_xact_lock({HOLD_CLASS}, k);
+END LOOP;
+IF (SELECT last_value FROM {RELAY_IDLE}) = 1 THEN
+  PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+  PERFORM pg_catalog.pg_notify('{CHANNEL}', '');
+END IF;
+END $edupulse$",
+        wait = LOCK_WAIT.as_millis()
+    )
+}
 
 /// Sends the wake-ups the emitter asks for, one at a time, from a task of its own
 /// (started at the first).
@@ -45,7 +99,10 @@ pub(crate) struct Waker {
 
 #[derive(Debug, Default)]
 struct Asked {
+    /// A wake-up after a commit that has happened.
     pending: AtomicBool,
+    /// Keys of transactions to wait for, then wake.
+    held: Mutex<Vec<i32>>,
     notify: Notify,
 }
 
@@ -62,22 +119,101 @@ impl Waker {
     /// Call it from within a tokio runtime (every emit is).
     pub fn wake(&self) {
         self.asked.pending.store(true, Ordering::SeqCst);
+        self.ask();
+    }
+
+    /// Asks for a wake-up once the transaction holding the advisory lock
+    /// ([`HOLD_CLASS`], `key`) ends.
+    pub fn wake_at_end(&self, key: i32) {
+        match self.asked.held.lock() {
+            Ok(mut held) => held.push(key),
+            Err(poisoned) => poisoned.into_inner().push(key),
+        }
+        self.ask();
+    }
+
+    fn ask(&self) {
         self.asked.notify.notify_one();
         self.task
             .get_or_init(|| AbortOnDrop(tokio::spawn(send(self.pool.clone(), self.asked.clone()))));
     }
 }
 
+impl Asked {
+    fn take_held(&self) -> Vec<i32> {
+        match self.held.lock() {
+            Ok(mut held) => std::mem::take(&mut *held),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+}
+
 /// Sends a wake-up for each round of asks, until the waker is dropped.
 async fn send(pool: PgPool, asked: Arc<Asked>) {
+    // Keys whose transactions were still open at the last look.
+    let mut open: Vec<i32> = Vec::new();
+    let mut warned = false;
     loop {
-        asked.notify.notified().await;
+        if open.is_empty() {
+            asked.notify.notified().await;
+        }
         while asked.pending.swap(false, Ordering::SeqCst) {
-            if let Err(error) = sqlx::query(WAKE).execute(&pool).await {
-                // The relay's poll interval finds the events instead.
-                tracing::debug!(%error, "cannot wake the relay; it polls");
+            wake(&pool).await;
+        }
+        open.extend(asked.take_held());
+        if open.is_empty() {
+            continue;
+        }
+        let waited = sqlx::raw_sql(AssertSqlSafe(wait_then_wake(&open)))
+            .execute(&pool)
+            .await;
+        match waited {
+            Ok(_) => open.clear(),
+            Err(error) if is_lock_timeout(&error) => {
+                // One is still open after `LOCK_WAIT`: wake for those that ended.
+                match sqlx::query_scalar::<_, i32>(STILL_OPEN)
+                    .bind(HOLD_CLASS)
+                    .bind(&open)
+                    .fetch_all(&pool)
+                    .await
+                {
+                    Ok(still) => {
+                        if still.len() < open.len() {
+                            wake(&pool).await;
+                        }
+                        open = still;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot wake the relay; it polls");
+                        open.clear();
+                    }
+                }
+            }
+            Err(error) => {
+                // The relay's poll interval finds the events instead. Said once at
+                // `warn`: a role that may not run a `DO` block (plpgsql's `USAGE`,
+                // granted to every role unless revoked) never gets a wake-up this way.
+                if warned {
+                    tracing::debug!(%error, "cannot wake the relay; it polls");
+                } else {
+                    warned = true;
+                    tracing::warn!(
+                        %error,
+                        "cannot wait for an emitting transaction to wake the relay; it \
+                         finds the events at its poll interval (the emitting role needs \
+                         USAGE on the plpgsql language)"
+                    );
+                }
+                open.clear();
             }
         }
+    }
+}
+
+async fn wake(pool: &PgPool) {
+    if let Err(error) = sqlx::query(WAKE).execute(pool).await {
+        // The relay's poll interval finds the events instead.
+        tracing::debug!(%error, "cannot wake the relay; it polls");
     }
 }
 
@@ -90,5 +226,11 @@ mod tests {
         assert!(WAKE.contains("FROM edupulse.relay_idle WHERE last_value = 1"));
         assert!(WAKE.contains("set_config('synchronous_commit', 'off', true)"));
         assert!(WAKE.contains("pg_notify('edupulse_outbox', '')"));
+        let block = wait_then_wake(&[-3, 7]);
+        assert!(block.contains("ARRAY '{-3,7}'::int4[]"), "{block}");
+        assert!(block.contains("set_config('lock_timeout', '100ms', true)"));
+        assert!(block.contains(&format!("pg_advisory_xact_lock({HOLD_CLASS}, k)")));
+        // The flag is read after the waits.
+        assert!(block.find("relay_idle") > block.find("pg_advisory_xact_lock"));
     }
 }

@@ -18,6 +18,8 @@ pub(crate) mod code {
     pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
     /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`.
     pub const SHUTTING_DOWN: [&str; 3] = ["57P01", "57P02", "57P03"];
+    /// `lock_not_available`.
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
     /// `too_many_connections`.
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
 }
@@ -32,6 +34,12 @@ fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
 pub(crate) fn is_undefined_table(error: &sqlx::Error) -> bool {
     sqlstate(error)
         .is_some_and(|code| code == code::UNDEFINED_TABLE || code == code::INVALID_SCHEMA_NAME)
+}
+
+/// Whether `error` is Postgres' `lock_not_available`: a lock wait passed
+/// `lock_timeout`.
+pub(crate) fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| code == code::LOCK_NOT_AVAILABLE)
 }
 
 /// Whether `error` says the connection is not in a transaction block.
