@@ -47,6 +47,8 @@ GRANT SELECT, INSERT ON edupulse.outbox TO edupulse_writer;
 GRANT USAGE ON SEQUENCE edupulse.outbox_seq_seq TO edupulse_writer;
 GRANT SELECT ON SEQUENCE edupulse.relay_idle TO edupulse_writer;
 GRANT SELECT ON edupulse.relay_progress, edupulse.pending_events TO edupulse_writer;
+-- The emitter's waker waits for emitting transactions to end, then wakes the relay.
+GRANT EXECUTE ON FUNCTION edupulse.wake_after(int4[], int4) TO edupulse_writer;
 
 -- Relay: read and mark the outbox, prune it, read the fence (the sequence's last
 -- value), set the idle flag (setval) and move its mark. requeue_dead needs UPDATE on

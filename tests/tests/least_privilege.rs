@@ -135,6 +135,11 @@ async fn each_part_runs_with_only_its_grants() {
         .emit_all((2..=3).map(|quiz_id| QuizSubmitted { quiz_id }))
         .await
         .expect("emit_all");
+    // What the emitter's waker runs, as the emitting role, after an `emit_in`.
+    sqlx::query("SELECT edupulse.wake_after('{}'::int4[], 100)")
+        .execute(writer.pool())
+        .await
+        .expect("the writer may run the waker's function");
     let status = writer.outbox_status().await.expect("status");
     assert_eq!(status.pending, 3);
     assert_eq!(

@@ -498,17 +498,21 @@ async fn an_emit_in_held_open_does_not_hold_up_the_wake_up_of_a_commit_after_it(
     let env = TestEnv::new().await;
     let (service, relay) = idle_relay_polling_rarely(&env, Duration::from_millis(200)).await;
     let js = env.jetstream().await;
-    // Both writers find the relay idle, so both leave their wake-up to the waker.
+    // All three writers find the relay idle. The first notifies in its transaction (one
+    // writer at a time does); the other two leave their wake-up to the waker, which
+    // waits for their transactions to end.
+    let mut notifier = service.pool().begin().await.unwrap();
+    let first = service.emit_in(&mut notifier, quiz(8, 0)).await.unwrap();
     let mut open = service.pool().begin().await.unwrap();
-    let held = service.emit_in(&mut open, quiz(8, 0)).await.unwrap();
+    let held = service.emit_in(&mut open, quiz(8, 1)).await.unwrap();
     let mut tx = service.pool().begin().await.unwrap();
-    let committed = service.emit_in(&mut tx, quiz(8, 1)).await.unwrap();
+    let committed = service.emit_in(&mut tx, quiz(8, 2)).await.unwrap();
     tx.commit().await.unwrap();
-    // The relay is woken while the first transaction is still open, and publishes the
-    // second event past `order_wait_limit`; not after the ten-minute poll.
+    // The relay is woken while the other two are still open, and publishes the
+    // committed event past `order_wait_limit`; not after the ten-minute poll.
     wait_for(
         Duration::from_secs(30),
-        "the committed event while the other transaction is open",
+        "the committed event while the other transactions are open",
         || async { relay.published() == 1 },
     )
     .await;
@@ -519,7 +523,14 @@ async fn an_emit_in_held_open_does_not_hold_up_the_wake_up_of_a_commit_after_it(
         || async { relay.published() == 2 },
     )
     .await;
-    assert_stream_is(&env, &js, &[committed, held]).await;
+    notifier.commit().await.unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the first event, once committed",
+        || async { relay.published() == 3 },
+    )
+    .await;
+    assert_stream_is(&env, &js, &[committed, held, first]).await;
     relay.shutdown().await.unwrap();
 }
 

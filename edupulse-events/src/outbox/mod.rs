@@ -40,7 +40,11 @@ enum Wake {
 /// time hold different keys.
 fn hold_key(id: Uuid) -> i32 {
     let bytes = id.as_bytes();
-    i32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]])
+    match i32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) {
+        // 0 is the notifier's key.
+        0 => 1,
+        key => key,
+    }
 }
 
 /// An event on its way out, with the metadata it travels with.
@@ -229,11 +233,12 @@ impl Emitter {
         &self,
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
-        // One statement, its own transaction; the relay is woken after it commits,
-        // from outside it (see `wake`).
+        // One statement, its own transaction. While the relay is idle it notifies in it
+        // if no other writer is notifying; else the waker wakes the relay after the
+        // commit, from outside it (see `wake`).
         let mut conn = self.inner.pool.acquire().await?;
-        let (id, idle) = self.write_one(&mut conn, event.into(), Wake::After).await?;
-        if idle {
+        let (id, ask) = self.write_one(&mut conn, event.into(), Wake::After).await?;
+        if ask {
             self.inner.waker.wake();
         }
         Ok(id)
@@ -266,9 +271,9 @@ impl Emitter {
         conn: &mut PgConnection,
         event: impl Into<Outgoing<E>>,
     ) -> Result<Uuid, EmitError> {
-        // No notification in the caller's transaction (it would take the notify lock
-        // at commit): while the relay is idle, the waker wakes it once the transaction
-        // ends (see `wake`).
+        // While the relay is idle, one writer at a time notifies in its transaction;
+        // for the others the waker wakes the relay once their transaction ends (see
+        // `wake`): notifying commits never queue behind each other.
         let (id, held) = self.write_one(conn, event.into(), Wake::AtEnd).await?;
         if held {
             self.inner.waker.wake_at_end(hold_key(id));
@@ -276,9 +281,9 @@ impl Emitter {
         Ok(id)
     }
 
-    /// Writes one event on `conn`; returns its id and whether the waker is to be asked:
-    /// woken `After`, the relay said it was idle; `AtEnd`, the statement took the lock
-    /// the waker waits for.
+    /// Writes one event on `conn`; returns its id and whether the waker is to be asked
+    /// (the relay said it was idle and the statement did not notify in the transaction;
+    /// woken `AtEnd`, it took the lock the waker waits for).
     async fn write_one<E: DomainEvent>(
         &self,
         conn: &mut PgConnection,
@@ -325,17 +330,12 @@ impl Emitter {
                 Some(row) => {
                     #[cfg(feature = "testing")]
                     prepared.record::<E>();
-                    let column = match (notify, wake) {
-                        (true, Wake::After) => Some("idle"),
-                        (true, Wake::AtEnd) => Some("held"),
-                        _ => None,
-                    };
-                    let ask = match column {
-                        Some(column) => {
+                    let ask = match (notify, wake) {
+                        (true, Wake::After | Wake::AtEnd) => {
                             use sqlx::Row;
-                            row.try_get::<Option<bool>, _>(column)?.unwrap_or(false)
+                            row.try_get::<Option<bool>, _>("wake")?.unwrap_or(false)
                         }
-                        None => false,
+                        _ => false,
                     };
                     Ok((prepared.id, ask))
                 }

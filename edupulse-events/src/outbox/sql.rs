@@ -30,26 +30,44 @@ RETURNING seq{}",
 
 pub(super) const INSERT_ONE: &str = insert_one!("", "");
 pub(super) const INSERT_ONE_NOTIFY: &str = insert_one!(formatcp!(", {NOTIFY_IF_IDLE} AS n"), "");
-/// One event in a transaction of the emitter's own, which is woken after the commit:
-/// also says whether the relay is idle (read while the row's lock is held, as the
-/// notifying statements do).
-pub(super) const INSERT_ONE_IDLE: &str = insert_one!(
-    "",
-    formatcp!(", (SELECT last_value = 1 FROM {RELAY_IDLE}) AS idle")
-);
+/// While the relay says it is idle, one writer at a time notifies in its own
+/// transaction: the one that holds the notifier's lock ([`HOLD_CLASS`], 0), which it
+/// keeps until its transaction ends. Notifying commits then never queue for Postgres'
+/// notify lock behind each other, and a writer alone wakes the relay with its commit,
+/// at no extra round trip. The others leave the wake-up to the emitter's waker: the
+/// `$else` expression, which says `true` for "ask the waker" and `false` when it
+/// notified in the transaction after all. `null` while the relay is busy.
+macro_rules! wake_if_idle {
+    ($else:expr) => {
+        formatcp!(
+            "(SELECT CASE WHEN pg_catalog.pg_try_advisory_xact_lock({HOLD_CLASS}, 0)
+                   THEN (SELECT false FROM pg_catalog.pg_notify('{CHANNEL}', ''))
+                   ELSE {} END
+       FROM {RELAY_IDLE} WHERE last_value = 1)",
+            $else
+        )
+    };
+}
 
-/// One event in the caller's transaction, whose end the emitter's waker waits for:
-/// while the relay is idle, also takes the shared advisory lock ([`HOLD_CLASS`], `$12`)
-/// that the transaction holds until it ends, and says `held`. Should another session
-/// hold that lock's key already (an application's lock of the same class), it notifies
-/// in the transaction instead and says `false`; `null` while the relay is busy.
+/// One event in a transaction of the emitter's own: unless it notifies, says `true` in
+/// `wake` for a wake-up by the waker after the commit.
+pub(super) const INSERT_ONE_IDLE: &str =
+    insert_one!("", formatcp!(", {} AS wake", wake_if_idle!("true")));
+
+/// One event in the caller's transaction, whose end the waker waits for: unless it
+/// notifies, also takes the shared advisory lock ([`HOLD_CLASS`], `$12`) that the
+/// transaction holds until it ends, and says `true` in `wake`. Should another session
+/// hold that key already (an application's lock of the same class), it notifies in the
+/// transaction instead.
 pub(super) const INSERT_ONE_HOLD: &str = insert_one!(
     "",
     formatcp!(
-        ", (SELECT CASE WHEN pg_catalog.pg_try_advisory_xact_lock_shared({HOLD_CLASS}, $12::int4)
+        ", {} AS wake",
+        wake_if_idle!(formatcp!(
+            "CASE WHEN pg_catalog.pg_try_advisory_xact_lock_shared({HOLD_CLASS}, $12::int4)
                    THEN true
-                   ELSE (SELECT false FROM pg_catalog.pg_notify('{CHANNEL}', '')) END
-       FROM {RELAY_IDLE} WHERE last_value = 1) AS held"
+                   ELSE (SELECT false FROM pg_catalog.pg_notify('{CHANNEL}', '')) END"
+        ))
     )
 );
 
@@ -131,14 +149,11 @@ mod tests {
             INSERT_MANY_UNCHECKED
         );
         assert!(INSERT_ONE.starts_with("INSERT INTO edupulse.outbox (id, name,"));
-        assert!(INSERT_ONE_HOLD.starts_with(INSERT_ONE));
+        for sql in [INSERT_ONE_IDLE, INSERT_ONE_HOLD] {
+            assert!(sql.starts_with(INSERT_ONE));
+            assert!(sql.contains("pg_try_advisory_xact_lock(1162104917, 0)"));
+            assert!(sql.contains("FROM edupulse.relay_idle WHERE last_value = 1) AS wake"));
+        }
         assert!(INSERT_ONE_HOLD.contains("pg_try_advisory_xact_lock_shared(1162104917, $12::int4)"));
-        assert_eq!(
-            INSERT_ONE_IDLE.replace(
-                ", (SELECT last_value = 1 FROM edupulse.relay_idle) AS idle",
-                ""
-            ),
-            INSERT_ONE
-        );
     }
 }

@@ -3,8 +3,10 @@
 //! A `pg_notify` inside a transaction makes its commit take Postgres' notify lock, a
 //! lock of the whole cluster that it holds until the commit is flushed: concurrent
 //! notifying writers commit one at a time, each waiting for its own WAL flush, where
-//! they would otherwise share one (BENCHMARKS.md, "The notify lock"). So the writers
-//! do not notify; they ask this waker, which notifies on a connection of its own, in
+//! they would otherwise share one (BENCHMARKS.md, "The notify lock"). So while the relay
+//! says it is idle, one writer at a time notifies in its transaction: the one holding
+//! the notifier's advisory lock ([`HOLD_CLASS`], 0) until its transaction ends; alone,
+//! a writer wakes the relay at no cost. The others ask this waker, which notifies on a connection of its own, in
 //! a transaction that does not wait for its flush (`synchronous_commit` off: a lost
 //! notification costs a poll interval, never an event), and only while the relay says
 //! it is idle:
@@ -32,9 +34,9 @@
 
 use crate::support::pg::is_lock_timeout;
 use crate::support::retry::AbortOnDrop;
-use crate::support::sql::{CHANNEL, RELAY_IDLE};
+use crate::support::sql::{CHANNEL, RELAY_IDLE, SCHEMA};
 use const_format::formatcp;
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -64,30 +66,10 @@ const STILL_OPEN: &str = formatcp!(
      WHERE NOT pg_catalog.pg_try_advisory_xact_lock($1, u.k)"
 );
 
-/// Waits, in one transaction of its own, for every transaction holding one of `keys`
-/// to end (each wait bounded by [`LOCK_WAIT`]: Postgres then fails it with
-/// `lock_not_available`), then does what [`WAKE`] does. A `DO` block, so that the idle
-/// flag is read after the waits; the keys are integers written into it.
-fn wait_then_wake(keys: &[i32]) -> String {
-    let list = keys
-        .iter()
-        .map(i32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    format!(
-        "DO $edupulse$ DECLARE k int4; BEGIN
-PERFORM pg_catalog.set_config('lock_timeout', '{wait}ms', true);
-FOREACH k IN ARRAY '{{{list}}}'::int4[] LOOP
-  PERFORM pg_catalog.pg_advisory_xact_lock({HOLD_CLASS}, k);
-END LOOP;
-IF (SELECT last_value FROM {RELAY_IDLE}) = 1 THEN
-  PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
-  PERFORM pg_catalog.pg_notify('{CHANNEL}', '');
-END IF;
-END $edupulse$",
-        wait = LOCK_WAIT.as_millis()
-    )
-}
+/// Waits, in one transaction of its own, for every transaction holding one of the
+/// keys `$1` to end (each wait bounded by `$2` ms: Postgres then fails it with
+/// `lock_not_available`), then does what [`WAKE`] does (migration 10).
+const WAIT_THEN_WAKE: &str = formatcp!("SELECT {SCHEMA}.wake_after($1, $2)");
 
 /// Sends the wake-ups the emitter asks for, one at a time, from a task of its own
 /// (started at the first).
@@ -164,7 +146,9 @@ async fn send(pool: PgPool, asked: Arc<Asked>) {
         if open.is_empty() {
             continue;
         }
-        let waited = sqlx::raw_sql(AssertSqlSafe(wait_then_wake(&open)))
+        let waited = sqlx::query(WAIT_THEN_WAKE)
+            .bind(&open)
+            .bind(i32::try_from(LOCK_WAIT.as_millis()).unwrap_or(i32::MAX))
             .execute(&pool)
             .await;
         match waited {
@@ -191,8 +175,8 @@ async fn send(pool: PgPool, asked: Arc<Asked>) {
             }
             Err(error) => {
                 // The relay's poll interval finds the events instead. Said once at
-                // `warn`: a role that may not run a `DO` block (plpgsql's `USAGE`,
-                // granted to every role unless revoked) never gets a wake-up this way.
+                // `warn`: a role without `EXECUTE` on the function never gets a wake-up
+                // this way.
                 if warned {
                     tracing::debug!(%error, "cannot wake the relay; it polls");
                 } else {
@@ -201,7 +185,7 @@ async fn send(pool: PgPool, asked: Arc<Asked>) {
                         %error,
                         "cannot wait for an emitting transaction to wake the relay; it \
                          finds the events at its poll interval (the emitting role needs \
-                         USAGE on the plpgsql language)"
+                         EXECUTE on edupulse.wake_after: see grants_sql)"
                     );
                 }
                 open.clear();
@@ -226,11 +210,14 @@ mod tests {
         assert!(WAKE.contains("FROM edupulse.relay_idle WHERE last_value = 1"));
         assert!(WAKE.contains("set_config('synchronous_commit', 'off', true)"));
         assert!(WAKE.contains("pg_notify('edupulse_outbox', '')"));
-        let block = wait_then_wake(&[-3, 7]);
-        assert!(block.contains("ARRAY '{-3,7}'::int4[]"), "{block}");
-        assert!(block.contains("set_config('lock_timeout', '100ms', true)"));
-        assert!(block.contains(&format!("pg_advisory_xact_lock({HOLD_CLASS}, k)")));
-        // The flag is read after the waits.
-        assert!(block.find("relay_idle") > block.find("pg_advisory_xact_lock"));
+        assert_eq!(WAIT_THEN_WAKE, "SELECT edupulse.wake_after($1, $2)");
+        // The function waits for the class the emitting statements lock.
+        let migration = include_str!("../../../migrations/20261202000010_wake_after.sql");
+        assert!(migration.contains(&format!("pg_advisory_xact_lock({HOLD_CLASS}, k)")));
+        assert!(migration.contains("pg_notify('edupulse_outbox', '')"));
+        assert!(
+            migration.find("relay_idle") > migration.find("pg_advisory_xact_lock"),
+            "the flag is read after the waits"
+        );
     }
 }
