@@ -28,6 +28,7 @@
 //! single round, `ratio_spread`).
 //! Nothing here fails on a timing: these are measurements, not tests.
 
+mod breakdown;
 mod compare;
 mod cpu;
 mod raw;

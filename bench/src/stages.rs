@@ -1147,14 +1147,17 @@ async fn steady_run(
     rate: u64,
     seconds: u64,
     probe: Option<(async_nats::Client, String)>,
-) -> Result<(Vec<Duration>, f64, Vec<Duration>), Error> {
+) -> Result<SteadyRun, Error> {
     let total = rate * seconds;
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total as usize]));
+    let stamps =
+        || -> Arc<Mutex<Vec<Option<Instant>>>> { Arc::new(Mutex::new(vec![None; total as usize])) };
+    let sent = stamps();
+    let committed = stamps();
+    let handled_at = stamps();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
     let handled = Arc::new(AtomicU64::new(0));
     let base = Uuid::now_v7().as_u128() as u64 & 0xffff_ffff;
-    let on_wire: Arc<Mutex<Vec<Option<Instant>>>> =
-        Arc::new(Mutex::new(vec![None; total as usize]));
+    let on_wire = stamps();
     let _probe = match probe {
         Some((client, prefix)) => {
             let mut subscriber = client.subscribe(format!("{prefix}.>")).await?;
@@ -1176,7 +1179,12 @@ async fn steady_run(
         }
         None => None,
     };
-    let (s2, l2, h2) = (sent.clone(), latencies.clone(), handled.clone());
+    let (s2, l2, h2, a2) = (
+        sent.clone(),
+        latencies.clone(),
+        handled.clone(),
+        handled_at.clone(),
+    );
     let consumer = bounded(
         "e2e",
         "starting the consumer",
@@ -1191,9 +1199,18 @@ async fn steady_run(
                 })
                 .on::<QuizSubmitted, _, _>(move |r: Received<QuizSubmitted>| {
                     let (sent, latencies, handled) = (s2.clone(), l2.clone(), h2.clone());
+                    let handled_at = a2.clone();
                     async move {
                         let now = Instant::now();
                         let index = r.event.seq.wrapping_sub(base) as usize;
+                        if let Some(slot) = handled_at
+                            .lock()
+                            .ok()
+                            .as_mut()
+                            .and_then(|h| h.get_mut(index))
+                        {
+                            *slot = Some(now);
+                        }
                         let at = sent
                             .lock()
                             .ok()
@@ -1218,7 +1235,7 @@ async fn steady_run(
         for i in 0..total {
             ticker.tick().await;
             let service = service.clone();
-            let sent = sent.clone();
+            let (sent, committed) = (sent.clone(), committed.clone());
             writers.push(AbortOnDrop(tokio::spawn(async move {
                 let mut tx = service.pool().begin().await?;
                 service.emit_in(&mut tx, event(base + i)).await?;
@@ -1226,6 +1243,9 @@ async fn steady_run(
                     s[i as usize] = Some(Instant::now());
                 }
                 tx.commit().await?;
+                if let Ok(mut c) = committed.lock() {
+                    c[i as usize] = Some(Instant::now());
+                }
                 Ok::<(), Error>(())
             })));
         }
@@ -1281,7 +1301,31 @@ async fn steady_run(
         .filter_map(|(at, seen)| Some(seen.as_ref()?.saturating_duration_since(*at.as_ref()?)))
         .collect();
     wire.sort();
-    Ok((l, achieved, wire))
+    let stages = crate::breakdown::split(
+        &sent,
+        &committed.lock().map_err(|_| "poisoned")?,
+        &on_wire,
+        &handled_at.lock().map_err(|_| "poisoned")?,
+        skip,
+    );
+    Ok(SteadyRun {
+        latencies: l,
+        achieved,
+        wire,
+        stages,
+    })
+}
+
+/// What one steady run measured.
+struct SteadyRun {
+    /// Commit→handler, sorted, after the first second.
+    latencies: Vec<Duration>,
+    /// Events per second offered and committed.
+    achieved: f64,
+    /// Commit→on NATS, sorted (with a probe).
+    wire: Vec<Duration>,
+    /// Each event's stages (with a probe): see `breakdown`.
+    stages: Vec<[Duration; 3]>,
 }
 
 async fn raw_pipeline_run(
@@ -1550,7 +1594,12 @@ async fn end_to_end(
         Err(_) => None,
     };
     stop_relayed(service, relay).await?;
-    let (ours, _, wire) = ours?;
+    let SteadyRun {
+        latencies: ours,
+        wire,
+        stages,
+        ..
+    } = ours?;
     let join = join.ok_or("stage e2e: no join figure")??;
     eprintln!("  [e2e] a group joining a non-empty stream got its first event after {join:.1} ms");
     let raw = raw_pipeline_run(&env.fresh_stream("rawe2e"), js, 1000, scale.e2e_seconds).await?;
@@ -1583,6 +1632,11 @@ async fn end_to_end(
             spread: None,
         });
     }
+    let breakdown = crate::breakdown::figures(&stages, "end to end at 1,000 events/s");
+    for f in &breakdown {
+        eprintln!("  [e2e] {}: {:.3} ms", f.name, f.value);
+    }
+    figures.extend(breakdown);
     figures.push(Figure {
         name: "new group joining a non-empty stream: emit→first handled".into(),
         value: join,
@@ -1613,7 +1667,11 @@ async fn end_to_end(
             }
             .await;
             match outcome {
-                Ok((l, achieved, _)) => {
+                Ok(SteadyRun {
+                    latencies: l,
+                    achieved,
+                    ..
+                }) => {
                     let (p50, p99) = (percentile_ms(&l, 50.0), percentile_ms(&l, 99.0));
                     eprintln!(
                         "  {rate} events/s offered, {achieved:.0} achieved, p50 {p50:.2} ms, p99 {p99:.2} ms"
